@@ -1,0 +1,143 @@
+//! Queue names and a thin typed client over pgmq's SQL functions.
+//!
+//! Every function takes `impl PgExecutor` so callers put queue operations in
+//! the same transaction as their state changes (the transactional outbox).
+//! This is the whole of a worker's database surface.
+
+use std::fmt;
+
+use chrono::{DateTime, Utc};
+use serde_json::Value;
+use sqlx::PgExecutor;
+
+use crate::names::Namespace;
+
+/// The queue every worker sends results to.
+pub const RESULTS: &str = "weft_results";
+
+/// A pgmq queue name that Weft uses.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct QueueName(String);
+
+impl QueueName {
+    /// The namespace's step queue.
+    pub fn steps(namespace: &Namespace) -> Self {
+        Self(format!("weft_steps_{namespace}"))
+    }
+
+    /// The namespace's dead-letter queue.
+    pub fn dead_letters(namespace: &Namespace) -> Self {
+        Self(format!("weft_dlq_{namespace}"))
+    }
+
+    /// The shared result queue.
+    pub fn results() -> Self {
+        Self(RESULTS.to_owned())
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+
+    /// The LISTEN/NOTIFY channel the orchestrator notifies when it sends to this queue.
+    pub fn channel(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Display for QueueName {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+/// A message read from a queue.
+#[derive(Debug, Clone, sqlx::FromRow)]
+pub struct QueueMessage {
+    pub msg_id: i64,
+    /// How many times it has been read, this read included.
+    pub read_ct: i32,
+    pub enqueued_at: DateTime<Utc>,
+    pub message: Value,
+}
+
+/// Reads up to `qty` visible messages and hides them for `lease_secs` (the lease).
+pub async fn read(
+    executor: impl PgExecutor<'_>,
+    queue: &QueueName,
+    lease_secs: i32,
+    qty: i32,
+) -> Result<Vec<QueueMessage>, sqlx::Error> {
+    sqlx::query_as(
+        "select msg_id, read_ct, enqueued_at, message from pgmq.read($1, $2, $3)",
+    )
+    .bind(queue.as_str())
+    .bind(lease_secs)
+    .bind(qty)
+    .fetch_all(executor)
+    .await
+}
+
+/// Sends messages in one statement and notifies the queue's listeners on commit.
+pub async fn send_batch(
+    executor: impl PgExecutor<'_>,
+    queue: &QueueName,
+    messages: &[Value],
+) -> Result<Vec<i64>, sqlx::Error> {
+    sqlx::query_scalar(
+        "select id from pgmq.send_batch($1, $2::jsonb[]) as id, pg_notify($1, '') as notified",
+    )
+    .bind(queue.as_str())
+    .bind(messages)
+    .fetch_all(executor)
+    .await
+}
+
+/// Deletes messages; returns the ids that existed.
+pub async fn delete_batch(
+    executor: impl PgExecutor<'_>,
+    queue: &QueueName,
+    msg_ids: &[i64],
+) -> Result<Vec<i64>, sqlx::Error> {
+    sqlx::query_scalar("select pgmq.delete($1, $2::bigint[])")
+        .bind(queue.as_str())
+        .bind(msg_ids)
+        .fetch_all(executor)
+        .await
+}
+
+/// Extends the lease of messages by `lease_secs` from now; returns the ids
+/// that still exist (a missing id was withdrawn, for example by cancellation).
+pub async fn extend_lease(
+    executor: impl PgExecutor<'_>,
+    queue: &QueueName,
+    msg_ids: &[i64],
+    lease_secs: i32,
+) -> Result<Vec<i64>, sqlx::Error> {
+    sqlx::query_scalar("select msg_id from pgmq.set_vt($1, $2::bigint[], $3)")
+        .bind(queue.as_str())
+        .bind(msg_ids)
+        .bind(lease_secs)
+        .fetch_all(executor)
+        .await
+}
+
+/// Depth and age of one queue, as operators and autoscalers see it.
+#[derive(Debug, Clone, PartialEq, sqlx::FromRow)]
+pub struct QueueStats {
+    pub queue_name: String,
+    /// Messages waiting to be read (visible now).
+    pub depth: i64,
+    /// Messages read and leased but not yet deleted.
+    pub in_flight: i64,
+    /// Age in seconds of the oldest message, visible or not; 0 when empty.
+    pub oldest_age_secs: f64,
+}
+
+/// The one queue-depth query, shared by the API, metrics and the documented
+/// KEDA trigger: one scan of each Weft queue table.
+pub async fn stats(executor: impl PgExecutor<'_>) -> Result<Vec<QueueStats>, sqlx::Error> {
+    sqlx::query_as("select queue_name, depth, in_flight, oldest_age_secs from weft.queue_stats()")
+        .fetch_all(executor)
+        .await
+}
