@@ -12,7 +12,10 @@ create function weft.enqueue_ready_steps(p_task_ids uuid[], p_now timestamptz de
 returns table (task_id uuid, step_id uuid, msg_id bigint)
 language plpgsql as $$
 declare
-    v_now timestamptz := coalesce(p_now, now());
+    -- The clock, not the transaction start: the caller may have waited for
+    -- task locks, and history must never show a step enqueued before its
+    -- dependencies completed.
+    v_now timestamptz := coalesce(p_now, clock_timestamp());
     v_ns text;
     -- The batch, as parallel arrays (no temporary table: no catalog churn per call).
     v_task_ids uuid[];
@@ -120,8 +123,11 @@ $$;
 create function weft.finalize_tasks(p_task_ids uuid[], p_now timestamptz default null)
 returns table (task_id uuid, state text, execution_status text, finalized boolean)
 language sql as $$
-    with ctx as (
-        select * from weft.task_execution_context(p_task_ids, p_now)
+    with clock as materialized (
+        select coalesce(p_now, clock_timestamp()) as now
+    ),
+    ctx as (
+        select * from weft.task_execution_context(p_task_ids, (select now from clock))
     ),
     decided as (
         select c.task_id, t.state as from_state,
@@ -136,9 +142,9 @@ language sql as $$
     ),
     moved as (
         update weft.tasks t
-           set state = d.to_state, finished_at = coalesce(p_now, now()),
-               started_at = coalesce(t.started_at, coalesce(p_now, now())),
-               updated_at = coalesce(p_now, now())
+           set state = d.to_state, finished_at = (select now from clock),
+               started_at = coalesce(t.started_at, (select now from clock)),
+               updated_at = (select now from clock)
           from decided d
          where t.id = d.task_id and d.to_state is not null and t.state = d.from_state
         returning t.id, d.from_state, d.to_state
@@ -146,7 +152,7 @@ language sql as $$
     recorded as (
         insert into weft.task_transitions (task_id, from_state, to_state, reason, at)
         select m.id, m.from_state, m.to_state,
-               case m.to_state when 'error' then 'blocked_by_failures' end, coalesce(p_now, now())
+               case m.to_state when 'error' then 'blocked_by_failures' end, (select now from clock)
         from moved m
         returning task_id
     )
@@ -167,7 +173,7 @@ create function weft.apply_results(p_results jsonb, p_now timestamptz default nu
 returns table (step_id uuid, attempt integer, outcome text)
 language plpgsql as $$
 declare
-    v_now timestamptz := coalesce(p_now, now());
+    v_now timestamptz;
     r record;
     s weft.steps%rowtype;
     v_to text;
@@ -179,6 +185,8 @@ begin
      where t.id in (select (x ->> 'task_id')::uuid from jsonb_array_elements(p_results) x)
      order by t.id
      for update;
+    -- Read the clock once the locks are held (see enqueue_ready_steps).
+    v_now := coalesce(p_now, clock_timestamp());
 
     for r in
         select * from jsonb_to_recordset(p_results) as x(
@@ -294,3 +302,7 @@ begin
     end loop;
 end
 $$;
+
+-- Result messages that cannot be decoded are moved here with the reason,
+-- never dropped. (Namespaces' dead-letter queues are weft_dlq_<namespace>.)
+select pgmq.create('weft_results_dlq');

@@ -1,1 +1,120 @@
-//! placeholder
+//! The Weft orchestrator: turns tasks into steps, decides in SQL which steps
+//! are ready, enqueues them on their namespace's queue (transactional
+//! outbox), applies worker results with fencing, schedules retries and
+//! finalizes tasks. Any number of orchestrators run at once, with no leader:
+//! work on one task is serialized by its row lock, different tasks proceed
+//! in parallel.
+//!
+//! Architecture invariant: the orchestrator never runs handlers, and every
+//! state change it makes is a guarded statement inside the transaction that
+//! also sends or deletes the queue messages it implies.
+
+pub mod api;
+pub mod collector;
+pub mod metrics;
+pub mod scheduler;
+pub mod store;
+pub mod tasks;
+pub mod wake;
+
+use std::net::SocketAddr;
+
+use sqlx::PgPool;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::info;
+
+pub use collector::{Collector, CollectorConfig};
+pub use metrics::Metrics;
+pub use scheduler::{Scheduler, SchedulerConfig};
+
+/// How an orchestrator runs.
+#[derive(Debug, Clone)]
+pub struct OrchestratorConfig {
+    /// Where the REST API listens; `None` runs without it (tests, embedding).
+    pub http_addr: Option<SocketAddr>,
+    /// Result collector loops in this process.
+    pub collectors: usize,
+    pub collector: CollectorConfig,
+    pub scheduler: SchedulerConfig,
+}
+
+impl Default for OrchestratorConfig {
+    fn default() -> Self {
+        Self {
+            http_addr: None,
+            collectors: 2,
+            collector: CollectorConfig::default(),
+            scheduler: SchedulerConfig::default(),
+        }
+    }
+}
+
+/// Why the orchestrator stopped abnormally.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("cannot listen on {addr}: {source}")]
+    Bind {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+    #[error("http server failed: {0}")]
+    Serve(std::io::Error),
+    #[error(transparent)]
+    Store(#[from] store::StoreError),
+}
+
+/// Runs the orchestrator's loops (and its API when configured) until
+/// `shutdown` is cancelled, then waits for them to stop. Loops finish their
+/// current transaction; anything uncommitted is left to its queue lease.
+pub async fn run(
+    config: OrchestratorConfig,
+    pool: PgPool,
+    shutdown: CancellationToken,
+) -> Result<(), Error> {
+    // Bind first: a port in use is a startup error, before any loop runs.
+    let listener = match config.http_addr {
+        Some(addr) => Some(
+            tokio::net::TcpListener::bind(addr)
+                .await
+                .map_err(|source| Error::Bind { addr, source })?,
+        ),
+        None => None,
+    };
+    // The loops stop on shutdown, or when the API server fails.
+    let stop = shutdown.child_token();
+    let metrics = Metrics::default();
+    let tracker = TaskTracker::new();
+    for _ in 0..config.collectors.max(1) {
+        let collector = Collector::new(pool.clone(), config.collector.clone(), metrics.clone());
+        tracker.spawn(collector.run(stop.clone()));
+    }
+    let scheduler = Scheduler::new(pool.clone(), config.scheduler.clone(), metrics.clone());
+    tracker.spawn(scheduler.run(stop.clone()));
+
+    let result = match listener {
+        Some(listener) => {
+            if let Ok(addr) = listener.local_addr() {
+                info!(http.addr = %addr, "orchestrator API listening");
+            }
+            let app = api::router(api::AppState {
+                pool: pool.clone(),
+                metrics: metrics.clone(),
+            });
+            let graceful = stop.clone();
+            axum::serve(listener, app)
+                .with_graceful_shutdown(async move { graceful.cancelled().await })
+                .await
+                .map_err(Error::Serve)
+        }
+        None => {
+            stop.cancelled().await;
+            Ok(())
+        }
+    };
+    stop.cancel();
+    tracker.close();
+    tracker.wait().await;
+    info!("orchestrator stopped");
+    result
+}

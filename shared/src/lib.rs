@@ -12,6 +12,7 @@ pub mod migrate;
 pub mod names;
 pub mod queue;
 pub mod state;
+pub mod template;
 
 pub use ids::{StepId, TaskId};
 pub use names::{HandlerName, Namespace, StepName, TemplateName};

@@ -107,7 +107,10 @@ pub struct ErrorInfo {
 
 impl ErrorInfo {
     pub fn new(reason: &str, message: impl Into<String>) -> Self {
-        Self { message: message.into(), reason: reason.to_owned() }
+        Self {
+            message: message.into(),
+            reason: reason.to_owned(),
+        }
     }
 }
 
@@ -188,17 +191,29 @@ mod tests {
     fn step_message_round_trips() {
         let m = StepMessage::decode(&step()).unwrap();
         assert_eq!(m.dependencies["validate"], json!({"ok": true}));
-        assert_eq!(StepMessage::decode(&serde_json::to_value(&m).unwrap()).unwrap(), m);
+        assert_eq!(
+            StepMessage::decode(&serde_json::to_value(&m).unwrap()).unwrap(),
+            m
+        );
     }
 
     #[test]
     fn refusals_name_the_problem() {
         let check = |value: Value, expected: &str| {
-            assert_eq!(StepMessage::decode(&value).unwrap_err().to_string(), expected);
+            assert_eq!(
+                StepMessage::decode(&value).unwrap_err().to_string(),
+                expected
+            );
         };
         check(json!([1]), "message is not a JSON object");
-        check(json!({"task_id": 1}), "message has no protocol version field `v`");
-        check(json!({"v": 2}), "unsupported protocol version 2 (this build speaks version 1)");
+        check(
+            json!({"task_id": 1}),
+            "message has no protocol version field `v`",
+        );
+        check(
+            json!({"v": 2}),
+            "unsupported protocol version 2 (this build speaks version 1)",
+        );
         let mut bad = step();
         bad["attempt"] = json!("one");
         check(bad, "attempt: invalid type: string \"one\", expected i32");

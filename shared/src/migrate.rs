@@ -36,7 +36,11 @@ pub async fn run(pool: &PgPool) -> Result<(), MigrateError> {
             .await?;
     match found {
         Some(v) if v == PGMQ_VERSION => {}
-        other => return Err(MigrateError::PgmqVersion { found: other.unwrap_or_default() }),
+        other => {
+            return Err(MigrateError::PgmqVersion {
+                found: other.unwrap_or_default(),
+            });
+        }
     }
     MIGRATOR.run(pool).await?;
     Ok(())

@@ -118,7 +118,15 @@ mod tests {
         for ok in ["a", "shop", "a_1", "abcdefghijabcdefghijabcdefghij"] {
             assert!(Namespace::parse(ok).is_ok(), "{ok}");
         }
-        for bad in ["", "1a", "A", "a-b", "_a", "abcdefghijabcdefghijabcdefghijk", "a.b"] {
+        for bad in [
+            "",
+            "1a",
+            "A",
+            "a-b",
+            "_a",
+            "abcdefghijabcdefghijabcdefghijk",
+            "a.b",
+        ] {
             assert!(Namespace::parse(bad).is_err(), "{bad}");
         }
         assert_eq!(

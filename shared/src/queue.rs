@@ -30,6 +30,11 @@ impl QueueName {
         Self(format!("weft_dlq_{namespace}"))
     }
 
+    /// Where result messages that cannot be decoded are kept.
+    pub fn results_dead_letters() -> Self {
+        Self("weft_results_dlq".to_owned())
+    }
+
     /// The shared result queue.
     pub fn results() -> Self {
         Self(RESULTS.to_owned())
@@ -68,14 +73,12 @@ pub async fn read(
     lease_secs: i32,
     qty: i32,
 ) -> Result<Vec<QueueMessage>, sqlx::Error> {
-    sqlx::query_as(
-        "select msg_id, read_ct, enqueued_at, message from pgmq.read($1, $2, $3)",
-    )
-    .bind(queue.as_str())
-    .bind(lease_secs)
-    .bind(qty)
-    .fetch_all(executor)
-    .await
+    sqlx::query_as("select msg_id, read_ct, enqueued_at, message from pgmq.read($1, $2, $3)")
+        .bind(queue.as_str())
+        .bind(lease_secs)
+        .bind(qty)
+        .fetch_all(executor)
+        .await
 }
 
 /// Sends messages in one statement and notifies the queue's listeners on commit.

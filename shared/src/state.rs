@@ -124,7 +124,10 @@ text_enum!(
 
 impl TaskState {
     pub fn is_terminal(self) -> bool {
-        matches!(self, TaskState::Complete | TaskState::Error | TaskState::Cancelled)
+        matches!(
+            self,
+            TaskState::Complete | TaskState::Error | TaskState::Cancelled
+        )
     }
 }
 
@@ -155,6 +158,8 @@ text_enum!(
     }
 );
 
+// Written out because the variants come from a macro.
+#[allow(clippy::derivable_impls)]
 impl Default for OnFailure {
     fn default() -> Self {
         OnFailure::FailFast

@@ -1,1 +1,11 @@
+//! Weft's one integration-test binary (2-core machines pay a link per test
+//! binary). Every test gets its own database, cloned from a migrated template
+//! database on the PostgreSQL that `DATABASE_URL` points at; `scripts/test`
+//! starts a private cluster and sets it.
 
+mod fleet;
+mod support;
+
+mod engine;
+mod migrations;
+mod status_model;

@@ -1,0 +1,102 @@
+//! The orchestrator's counters, rendered as Prometheus text on `/metrics`.
+
+use std::fmt::Write;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use shared::TaskState;
+
+#[derive(Debug, Default)]
+struct Counters {
+    results_applied: AtomicU64,
+    results_stale: AtomicU64,
+    results_malformed: AtomicU64,
+    retries_enqueued: AtomicU64,
+    tasks_complete: AtomicU64,
+    tasks_error: AtomicU64,
+    tasks_cancelled: AtomicU64,
+    db_errors: AtomicU64,
+}
+
+/// Cheap to clone; every loop holds one.
+#[derive(Debug, Clone, Default)]
+pub struct Metrics(Arc<Counters>);
+
+impl Metrics {
+    pub fn results(&self, applied: u64, stale: u64, malformed: u64) {
+        self.0.results_applied.fetch_add(applied, Ordering::Relaxed);
+        self.0.results_stale.fetch_add(stale, Ordering::Relaxed);
+        self.0
+            .results_malformed
+            .fetch_add(malformed, Ordering::Relaxed);
+    }
+
+    pub fn retries_enqueued(&self, n: u64) {
+        self.0.retries_enqueued.fetch_add(n, Ordering::Relaxed);
+    }
+
+    pub fn task_finished(&self, state: TaskState) {
+        let counter = match state {
+            TaskState::Complete => &self.0.tasks_complete,
+            TaskState::Error => &self.0.tasks_error,
+            TaskState::Cancelled => &self.0.tasks_cancelled,
+            TaskState::Pending | TaskState::Running => return,
+        };
+        counter.fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub fn db_error(&self) {
+        self.0.db_errors.fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub fn stale_results(&self) -> u64 {
+        self.0.results_stale.load(Ordering::Relaxed)
+    }
+
+    /// Prometheus text exposition.
+    pub fn render(&self) -> String {
+        let c = &self.0;
+        let mut out = String::new();
+        let mut counter = |name: &str, help: &str, samples: &[(&str, u64)]| {
+            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} counter");
+            for (labels, value) in samples {
+                let _ = writeln!(out, "{name}{labels} {value}");
+            }
+        };
+        let load = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        counter(
+            "weft_results_total",
+            "Results consumed from the result queue, by what became of them.",
+            &[
+                ("{outcome=\"applied\"}", load(&c.results_applied)),
+                ("{outcome=\"stale\"}", load(&c.results_stale)),
+                ("{outcome=\"malformed\"}", load(&c.results_malformed)),
+            ],
+        );
+        counter(
+            "weft_stale_results_dropped_total",
+            "Late or duplicate results acknowledged and dropped by fencing.",
+            &[("", load(&c.results_stale))],
+        );
+        counter(
+            "weft_retries_enqueued_total",
+            "Steps enqueued again after their backoff.",
+            &[("", load(&c.retries_enqueued))],
+        );
+        counter(
+            "weft_tasks_finished_total",
+            "Tasks that reached a final state.",
+            &[
+                ("{state=\"complete\"}", load(&c.tasks_complete)),
+                ("{state=\"error\"}", load(&c.tasks_error)),
+                ("{state=\"cancelled\"}", load(&c.tasks_cancelled)),
+            ],
+        );
+        counter(
+            "weft_database_errors_total",
+            "Failed database round trips in background loops.",
+            &[("", load(&c.db_errors))],
+        );
+        out
+    }
+}

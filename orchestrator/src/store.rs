@@ -1,0 +1,495 @@
+//! The orchestrator's SQL layer: every statement it runs, as functions named
+//! by intent that take `impl PgExecutor` (or a connection, when they run
+//! several statements) so callers compose them in one transaction. Loops and
+//! HTTP handlers contain no SQL text.
+
+use chrono::{DateTime, Utc};
+use serde::Serialize;
+use serde_json::Value;
+use sqlx::{PgConnection, PgExecutor};
+use uuid::Uuid;
+
+use shared::template::Template;
+use shared::{ExecutionStatus, Namespace, StepState, TaskId, TaskState};
+
+/// Why a store operation failed.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error(
+        "template {namespace}/{name}@{version} exists with different content; register a new version"
+    )]
+    TemplateConflict {
+        namespace: String,
+        name: String,
+        version: i32,
+    },
+    #[error("template {0} not found")]
+    TemplateNotFound(String),
+    #[error("stored template {id} is unreadable: {message}")]
+    CorruptTemplate { id: i64, message: String },
+    #[error("idempotency key was already used with a different request")]
+    IdempotencyConflict,
+    #[error(transparent)]
+    Database(#[from] sqlx::Error),
+}
+
+/// A registered template.
+#[derive(Debug, Clone, Serialize, sqlx::FromRow)]
+pub struct TemplateRecord {
+    pub id: i64,
+    pub namespace: String,
+    pub name: String,
+    pub version: i32,
+    pub definition: Value,
+    pub created_at: DateTime<Utc>,
+}
+
+/// What registering a template did.
+#[derive(Debug, Clone)]
+pub enum Registered {
+    Created(TemplateRecord),
+    Unchanged(TemplateRecord),
+}
+
+/// Registers a template (and its namespace and queues). Templates are
+/// immutable: the same content again is a no-op, different content under the
+/// same version is refused.
+pub async fn register_template(
+    conn: &mut PgConnection,
+    template: &Template,
+) -> Result<Registered, StoreError> {
+    let definition = template.definition();
+    sqlx::query("select weft.ensure_namespace($1)")
+        .bind(template.namespace.as_str())
+        .execute(&mut *conn)
+        .await?;
+    let created: Option<TemplateRecord> = sqlx::query_as(
+        "insert into weft.templates (namespace, name, version, definition) values ($1, $2, $3, $4)
+         on conflict (namespace, name, version) do nothing
+         returning id, namespace, name, version, definition, created_at",
+    )
+    .bind(template.namespace.as_str())
+    .bind(template.name.as_str())
+    .bind(template.version)
+    .bind(&definition)
+    .fetch_optional(&mut *conn)
+    .await?;
+    if let Some(record) = created {
+        return Ok(Registered::Created(record));
+    }
+    let existing: TemplateRecord = sqlx::query_as(
+        "select id, namespace, name, version, definition, created_at from weft.templates
+         where namespace = $1 and name = $2 and version = $3",
+    )
+    .bind(template.namespace.as_str())
+    .bind(template.name.as_str())
+    .bind(template.version)
+    .fetch_one(&mut *conn)
+    .await?;
+    if existing.definition == definition {
+        Ok(Registered::Unchanged(existing))
+    } else {
+        Err(StoreError::TemplateConflict {
+            namespace: existing.namespace,
+            name: existing.name,
+            version: existing.version,
+        })
+    }
+}
+
+/// Lists templates, newest version first within each name.
+pub async fn list_templates(
+    executor: impl PgExecutor<'_>,
+    namespace: Option<&str>,
+) -> Result<Vec<TemplateRecord>, StoreError> {
+    Ok(sqlx::query_as(
+        "select id, namespace, name, version, definition, created_at from weft.templates
+         where $1::text is null or namespace = $1
+         order by namespace, name, version desc",
+    )
+    .bind(namespace)
+    .fetch_all(executor)
+    .await?)
+}
+
+/// Finds a template by name, at a version or the latest one.
+pub async fn find_template(
+    executor: impl PgExecutor<'_>,
+    namespace: &str,
+    name: &str,
+    version: Option<i32>,
+) -> Result<TemplateRecord, StoreError> {
+    let found: Option<TemplateRecord> = sqlx::query_as(
+        "select id, namespace, name, version, definition, created_at from weft.templates
+         where namespace = $1 and name = $2 and ($3::int is null or version = $3)
+         order by version desc limit 1",
+    )
+    .bind(namespace)
+    .bind(name)
+    .bind(version)
+    .fetch_optional(executor)
+    .await?;
+    found.ok_or_else(|| {
+        StoreError::TemplateNotFound(match version {
+            Some(v) => format!("{namespace}/{name}@{v}"),
+            None => format!("{namespace}/{name}"),
+        })
+    })
+}
+
+/// A task to create from a resolved template.
+#[derive(Debug, Clone)]
+pub struct NewTask {
+    pub id: TaskId,
+    pub template_id: i64,
+    pub input: Value,
+    pub priority: i32,
+    pub idempotency_key_hash: Option<String>,
+    pub request_hash: Option<String>,
+    pub trace_context: Option<Value>,
+}
+
+/// Inserts tasks with their steps and edges (a handful of set-based
+/// statements whatever the number of tasks). The caller then enqueues their
+/// root steps with [`enqueue_ready_steps`] in the same transaction. Tasks
+/// whose idempotency key is already taken are skipped and reported, so the
+/// caller can return the existing task.
+pub async fn insert_tasks(
+    conn: &mut PgConnection,
+    template: &Template,
+    tasks: &[NewTask],
+) -> Result<Vec<TaskId>, StoreError> {
+    let mut task_ids = Vec::with_capacity(tasks.len());
+    let mut template_ids = Vec::with_capacity(tasks.len());
+    let mut inputs = Vec::with_capacity(tasks.len());
+    let mut priorities = Vec::with_capacity(tasks.len());
+    let mut key_hashes = Vec::with_capacity(tasks.len());
+    let mut request_hashes = Vec::with_capacity(tasks.len());
+    let mut traces = Vec::with_capacity(tasks.len());
+    for task in tasks {
+        task_ids.push(task.id.0);
+        template_ids.push(task.template_id);
+        inputs.push(task.input.clone());
+        priorities.push(task.priority);
+        key_hashes.push(task.idempotency_key_hash.clone());
+        request_hashes.push(task.request_hash.clone());
+        traces.push(task.trace_context.clone());
+    }
+    let inserted: Vec<Uuid> = sqlx::query_scalar(
+        "insert into weft.tasks (id, template_id, namespace, on_failure, input, priority,
+                                 idempotency_key_hash, request_hash, trace_context)
+         select t.id, t.template_id, $8, $9, t.input, t.priority, t.key_hash, t.request_hash, t.trace
+         from unnest($1::uuid[], $2::bigint[], $3::jsonb[], $4::int[], $5::text[], $6::text[], $7::jsonb[])
+              as t(id, template_id, input, priority, key_hash, request_hash, trace)
+         on conflict (namespace, idempotency_key_hash) where idempotency_key_hash is not null do nothing
+         returning id",
+    )
+    .bind(&task_ids)
+    .bind(&template_ids)
+    .bind(&inputs)
+    .bind(&priorities)
+    .bind(&key_hashes)
+    .bind(&request_hashes)
+    .bind(&traces)
+    .bind(template.namespace.as_str())
+    .bind(template.on_failure.as_str())
+    .fetch_all(&mut *conn)
+    .await?;
+
+    // Steps: ids are generated here so edges can name them.
+    let n = template.steps.len();
+    let mut step_task = Vec::with_capacity(inserted.len() * n);
+    let mut step_ids = Vec::with_capacity(inserted.len() * n);
+    let mut positions = Vec::with_capacity(inserted.len() * n);
+    let mut names = Vec::with_capacity(inserted.len() * n);
+    let mut handlers = Vec::with_capacity(inserted.len() * n);
+    let mut configs = Vec::with_capacity(inserted.len() * n);
+    let mut max_attempts = Vec::with_capacity(inserted.len() * n);
+    let mut timeouts = Vec::with_capacity(inserted.len() * n);
+    let mut initials = Vec::with_capacity(inserted.len() * n);
+    let mut maxes = Vec::with_capacity(inserted.len() * n);
+    let mut multipliers = Vec::with_capacity(inserted.len() * n);
+    let mut jitters = Vec::with_capacity(inserted.len() * n);
+    let mut edge_task = Vec::new();
+    let mut edge_step = Vec::new();
+    let mut edge_dep = Vec::new();
+    for task_id in &inserted {
+        let ids: Vec<Uuid> = (0..n).map(|_| Uuid::now_v7()).collect();
+        for (position, step) in template.steps.iter().enumerate() {
+            step_task.push(*task_id);
+            step_ids.push(ids[position]);
+            positions.push(position as i32);
+            names.push(step.name.as_str().to_owned());
+            handlers.push(step.handler.as_str().to_owned());
+            configs.push(step.config.clone());
+            max_attempts.push(step.retry.max_attempts as i32);
+            timeouts.push(millis_i32(step.timeout));
+            initials.push(millis_i32(step.retry.backoff.initial));
+            maxes.push(millis_i32(step.retry.backoff.max));
+            multipliers.push(step.retry.backoff.multiplier);
+            jitters.push(step.retry.backoff.jitter.as_str().to_owned());
+            for dep in &step.depends_on {
+                if let Some(dep_position) = template.steps.iter().position(|s| &s.name == dep) {
+                    edge_task.push(*task_id);
+                    edge_step.push(ids[position]);
+                    edge_dep.push(ids[dep_position]);
+                }
+            }
+        }
+    }
+    sqlx::query(
+        "insert into weft.steps (id, task_id, position, name, handler, config, max_attempts, timeout_ms,
+                                 backoff_initial_ms, backoff_max_ms, backoff_multiplier, backoff_jitter)
+         select * from unnest($1::uuid[], $2::uuid[], $3::int[], $4::text[], $5::text[], $6::jsonb[],
+                              $7::int[], $8::int[], $9::int[], $10::int[], $11::float8[], $12::text[])",
+    )
+    .bind(&step_ids)
+    .bind(&step_task)
+    .bind(&positions)
+    .bind(&names)
+    .bind(&handlers)
+    .bind(&configs)
+    .bind(&max_attempts)
+    .bind(&timeouts)
+    .bind(&initials)
+    .bind(&maxes)
+    .bind(&multipliers)
+    .bind(&jitters)
+    .execute(&mut *conn)
+    .await?;
+    if !edge_step.is_empty() {
+        sqlx::query(
+            "insert into weft.step_edges (task_id, step_id, depends_on)
+             select * from unnest($1::uuid[], $2::uuid[], $3::uuid[])",
+        )
+        .bind(&edge_task)
+        .bind(&edge_step)
+        .bind(&edge_dep)
+        .execute(&mut *conn)
+        .await?;
+    }
+    sqlx::query(
+        "insert into weft.task_transitions (task_id, from_state, to_state, reason)
+         select id, null, 'pending', 'created' from unnest($1::uuid[]) as t(id)",
+    )
+    .bind(&inserted)
+    .execute(&mut *conn)
+    .await?;
+    Ok(inserted.into_iter().map(TaskId).collect())
+}
+
+fn millis_i32(d: std::time::Duration) -> i32 {
+    i32::try_from(d.as_millis()).unwrap_or(i32::MAX)
+}
+
+/// The task holding an idempotency key, with the hash of the request that used it.
+pub async fn find_by_idempotency_key(
+    executor: impl PgExecutor<'_>,
+    namespace: &str,
+    key_hash: &str,
+) -> Result<Option<(TaskId, Option<String>)>, StoreError> {
+    let row: Option<(Uuid, Option<String>)> = sqlx::query_as(
+        "select id, request_hash from weft.tasks where namespace = $1 and idempotency_key_hash = $2",
+    )
+    .bind(namespace)
+    .bind(key_hash)
+    .fetch_optional(executor)
+    .await?;
+    Ok(row.map(|(id, hash)| (TaskId(id), hash)))
+}
+
+/// A step that was enqueued: its message is on the queue.
+#[derive(Debug, Clone, sqlx::FromRow)]
+pub struct Enqueued {
+    pub task_id: Uuid,
+    pub step_id: Uuid,
+    pub msg_id: i64,
+}
+
+/// Enqueues every ready step of the given tasks (the transactional outbox:
+/// state change and queue message commit together). The caller holds the
+/// tasks' row locks, or created the tasks in this transaction.
+pub async fn enqueue_ready_steps(
+    executor: impl PgExecutor<'_>,
+    task_ids: &[Uuid],
+) -> Result<Vec<Enqueued>, StoreError> {
+    Ok(
+        sqlx::query_as("select task_id, step_id, msg_id from weft.enqueue_ready_steps($1)")
+            .bind(task_ids)
+            .fetch_all(executor)
+            .await?,
+    )
+}
+
+/// What applying one result did.
+#[derive(Debug, Clone, sqlx::FromRow)]
+pub struct Applied {
+    pub step_id: Uuid,
+    pub attempt: i32,
+    /// The step's new state, or `stale` when the result was fenced off.
+    pub outcome: String,
+}
+
+impl Applied {
+    pub fn is_stale(&self) -> bool {
+        self.outcome == "stale"
+    }
+}
+
+/// Applies decoded results (serialized result messages) under per-task row
+/// locks with fencing; stale results are reported, never applied.
+pub async fn apply_results(
+    executor: impl PgExecutor<'_>,
+    results: &Value,
+) -> Result<Vec<Applied>, StoreError> {
+    Ok(
+        sqlx::query_as("select step_id, attempt, outcome from weft.apply_results($1)")
+            .bind(results)
+            .fetch_all(executor)
+            .await?,
+    )
+}
+
+/// A task's state after evaluation.
+#[derive(Debug, Clone, sqlx::FromRow)]
+pub struct Finalized {
+    pub task_id: Uuid,
+    pub state: TaskState,
+    pub execution_status: ExecutionStatus,
+    /// Whether this call moved the task to a final state.
+    pub finalized: bool,
+}
+
+/// Moves tasks to `complete` or `error` when their steps decide it.
+pub async fn finalize_tasks(
+    executor: impl PgExecutor<'_>,
+    task_ids: &[Uuid],
+) -> Result<Vec<Finalized>, StoreError> {
+    Ok(sqlx::query_as(
+        "select task_id, state, execution_status, finalized from weft.finalize_tasks($1)",
+    )
+    .bind(task_ids)
+    .fetch_all(executor)
+    .await?)
+}
+
+/// Locks up to `limit` tasks with a retry due now, skipping tasks another
+/// orchestrator holds.
+pub async fn claim_due_retry_tasks(
+    executor: impl PgExecutor<'_>,
+    limit: i32,
+) -> Result<Vec<Uuid>, StoreError> {
+    Ok(
+        sqlx::query_scalar("select task_id from weft.claim_due_retry_tasks(clock_timestamp(), $1)")
+            .bind(limit)
+            .fetch_all(executor)
+            .await?,
+    )
+}
+
+/// Seconds until the next retry is due (negative when overdue), or None.
+pub async fn seconds_until_next_retry(
+    executor: impl PgExecutor<'_>,
+) -> Result<Option<f64>, StoreError> {
+    Ok(sqlx::query_scalar(
+        "select extract(epoch from weft.next_retry_at() - clock_timestamp())::float8",
+    )
+    .fetch_one(executor)
+    .await?)
+}
+
+/// A task as the API shows it.
+#[derive(Debug, Clone, Serialize, sqlx::FromRow)]
+pub struct TaskRow {
+    pub id: Uuid,
+    pub namespace: String,
+    pub template_name: String,
+    pub template_version: i32,
+    pub state: TaskState,
+    pub execution_status: Option<ExecutionStatus>,
+    pub on_failure: String,
+    pub input: Value,
+    pub priority: i32,
+    pub created_at: DateTime<Utc>,
+    pub started_at: Option<DateTime<Utc>>,
+    pub finished_at: Option<DateTime<Utc>>,
+}
+
+/// A step as the API shows it.
+#[derive(Debug, Clone, Serialize, sqlx::FromRow)]
+pub struct StepRow {
+    pub id: Uuid,
+    pub name: String,
+    pub handler: String,
+    pub state: StepState,
+    pub attempts: i32,
+    pub max_attempts: i32,
+    pub depends_on: Vec<String>,
+    pub ready: bool,
+    pub output: Option<Value>,
+    pub last_error: Option<Value>,
+    pub next_attempt_at: Option<DateTime<Utc>>,
+    pub enqueued_at: Option<DateTime<Utc>>,
+    pub finished_at: Option<DateTime<Utc>>,
+}
+
+/// Reads one task with its computed execution status.
+pub async fn get_task(
+    executor: impl PgExecutor<'_>,
+    id: TaskId,
+) -> Result<Option<TaskRow>, StoreError> {
+    Ok(sqlx::query_as(
+        "select t.id, t.namespace, tp.name as template_name, tp.version as template_version,
+                t.state, c.execution_status, t.on_failure, t.input, t.priority,
+                t.created_at, t.started_at, t.finished_at
+         from weft.tasks t
+         join weft.templates tp on tp.id = t.template_id
+         left join weft.task_execution_context(array[t.id]) c on true
+         where t.id = $1",
+    )
+    .bind(id.0)
+    .fetch_optional(executor)
+    .await?)
+}
+
+/// Reads a task's steps in declaration order, with their readiness.
+pub async fn get_steps(
+    executor: impl PgExecutor<'_>,
+    id: TaskId,
+) -> Result<Vec<StepRow>, StoreError> {
+    Ok(sqlx::query_as(
+        "select s.id, s.name, s.handler, s.state, s.attempts - s.attempt_floor as attempts,
+                s.max_attempts,
+                array(select d.name from weft.step_edges e join weft.steps d on d.id = e.depends_on
+                      where e.step_id = s.id order by d.position) as depends_on,
+                r.ready, s.output, s.last_error, s.next_attempt_at, s.enqueued_at, s.finished_at
+         from weft.steps s
+         join weft.step_readiness(array[$1::uuid]) r on r.step_id = s.id
+         where s.task_id = $1
+         order by s.position",
+    )
+    .bind(id.0)
+    .fetch_all(executor)
+    .await?)
+}
+
+/// Whether the namespace exists (has a registered template).
+pub async fn namespace_exists(
+    executor: impl PgExecutor<'_>,
+    namespace: &Namespace,
+) -> Result<bool, StoreError> {
+    Ok(
+        sqlx::query_scalar("select exists (select 1 from weft.namespaces where name = $1)")
+            .bind(namespace.as_str())
+            .fetch_one(executor)
+            .await?,
+    )
+}
+
+/// Parses a stored template definition.
+pub fn parse_definition(record: &TemplateRecord) -> Result<Template, StoreError> {
+    Template::from_definition(&record.definition).map_err(|e| StoreError::CorruptTemplate {
+        id: record.id,
+        message: e.to_string(),
+    })
+}

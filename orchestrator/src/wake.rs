@@ -1,0 +1,77 @@
+//! Wake-ups for the orchestrator's loops: LISTEN/NOTIFY, with a jittered
+//! fallback poll so a lost notification (or a lost connection) costs at most
+//! one poll interval, and an idle fleet does almost nothing to the database.
+
+use std::time::Duration;
+
+use rand::Rng;
+use sqlx::PgPool;
+use sqlx::postgres::PgListener;
+use tracing::{debug, warn};
+
+/// A listener on some channels that reconnects lazily after errors.
+pub struct Wake {
+    pool: PgPool,
+    channels: Vec<String>,
+    listener: Option<PgListener>,
+}
+
+impl Wake {
+    pub fn new(pool: PgPool, channels: &[&str]) -> Self {
+        Self {
+            pool,
+            channels: channels.iter().map(|c| (*c).to_owned()).collect(),
+            listener: None,
+        }
+    }
+
+    /// Returns when a notification arrives or `timeout` passes, whichever is
+    /// first. Cancel-safe: dropping the future loses no notification, since
+    /// notifications stay buffered in the listener until taken.
+    pub async fn wait(&mut self, timeout: Duration) {
+        if self.listener.is_none() {
+            self.listener = self.connect().await;
+        }
+        let Some(listener) = self.listener.as_mut() else {
+            tokio::time::sleep(timeout).await;
+            return;
+        };
+        match tokio::time::timeout(timeout, listener.try_recv()).await {
+            Ok(Ok(Some(_))) => {
+                // Coalesce a burst of notifications into one wake-up.
+                while listener.next_buffered().is_some() {}
+            }
+            // The connection dropped: notifications may be lost, so wake and
+            // poll; the listener reconnects and re-LISTENs on the next call.
+            Ok(Ok(None)) => debug!("listener reconnecting"),
+            Ok(Err(e)) => {
+                warn!(error = %e, "listener failed; falling back to polling until it reconnects");
+                self.listener = None;
+            }
+            Err(_elapsed) => {}
+        }
+    }
+
+    async fn connect(&self) -> Option<PgListener> {
+        let mut listener = match PgListener::connect_with(&self.pool).await {
+            Ok(l) => l,
+            Err(e) => {
+                warn!(error = %e, "cannot connect the listener; polling");
+                return None;
+            }
+        };
+        let channels: Vec<&str> = self.channels.iter().map(String::as_str).collect();
+        match listener.listen_all(channels).await {
+            Ok(()) => Some(listener),
+            Err(e) => {
+                warn!(error = %e, "cannot LISTEN; polling");
+                None
+            }
+        }
+    }
+}
+
+/// `interval` scaled by a random factor in [0.8, 1.2), so a fleet's polls spread out.
+pub fn jittered(interval: Duration) -> Duration {
+    interval.mul_f64(rand::rng().random_range(0.8..1.2))
+}

@@ -1,0 +1,187 @@
+//! Command dispatch: build the runtime, tracing and pool, then call the library.
+
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::Parser;
+use sqlx::PgPool;
+use sqlx::postgres::PgPoolOptions;
+use tokio_util::sync::CancellationToken;
+use tracing::{error, info};
+
+use crate::config::{Cli, Command, DbArgs, LogFormat, OrchestratorArgs, WorkerArgs};
+
+pub fn main() -> ExitCode {
+    let cli = Cli::parse();
+    // `weft dev` prints its own live view; only problems go to the log there.
+    let default_filter = if matches!(cli.command, Command::Dev(_)) {
+        "warn"
+    } else {
+        "info,sqlx=warn"
+    };
+    install_tracing(cli.log_format, default_filter);
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(run(cli.command)) {
+        Ok(code) => code,
+        Err(e) => {
+            error!("{e:#}");
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn install_tracing(format: LogFormat, default_filter: &str) {
+    use tracing_subscriber::EnvFilter;
+    let filter =
+        EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default_filter));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder.json().init(),
+    }
+}
+
+async fn run(command: Command) -> anyhow::Result<ExitCode> {
+    match command {
+        Command::Migrate(db) => {
+            let pool = connect(&db).await?;
+            shared::migrate::run(&pool).await.context("migrating")?;
+            info!("database is at the current schema");
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Orchestrator(args) => {
+            run_orchestrator(args).await?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Worker(args) => {
+            run_worker(args).await?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Dev(args) => crate::dev::run(args).await,
+    }
+}
+
+/// Opens the pool, retrying while the database is not up yet (containers
+/// start in any order).
+pub async fn connect(db: &DbArgs) -> anyhow::Result<PgPool> {
+    connect_url(&db.database_url, db.db_max_connections).await
+}
+
+pub async fn connect_url(url: &str, max_connections: u32) -> anyhow::Result<PgPool> {
+    let options = PgPoolOptions::new()
+        .max_connections(max_connections)
+        .acquire_timeout(Duration::from_secs(10));
+    let mut delay = Duration::from_millis(100);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        match options.clone().connect(url).await {
+            Ok(pool) => return Ok(pool),
+            Err(e) if tokio::time::Instant::now() < deadline => {
+                info!(error = %e, "database not reachable yet; retrying");
+                tokio::time::sleep(delay).await;
+                delay = (delay * 2).min(Duration::from_secs(5));
+            }
+            Err(e) => return Err(e).context("connecting to the database"),
+        }
+    }
+}
+
+/// A token cancelled by SIGINT or SIGTERM.
+pub fn shutdown_on_signals() -> CancellationToken {
+    let token = CancellationToken::new();
+    let trigger = token.clone();
+    tokio::spawn(async move {
+        #[cfg(unix)]
+        {
+            use tokio::signal::unix::{SignalKind, signal};
+            let mut term = match signal(SignalKind::terminate()) {
+                Ok(s) => s,
+                Err(e) => {
+                    error!(error = %e, "cannot install the SIGTERM handler");
+                    return;
+                }
+            };
+            tokio::select! {
+                _ = tokio::signal::ctrl_c() => info!("SIGINT: shutting down"),
+                _ = term.recv() => info!("SIGTERM: shutting down"),
+            }
+        }
+        #[cfg(not(unix))]
+        {
+            let _ = tokio::signal::ctrl_c().await;
+        }
+        trigger.cancel();
+    });
+    token
+}
+
+pub fn orchestrator_config(args: &OrchestratorArgs) -> orchestrator::OrchestratorConfig {
+    orchestrator::OrchestratorConfig {
+        http_addr: Some(args.http_addr),
+        collectors: args.collectors,
+        collector: orchestrator::CollectorConfig {
+            batch_size: args.result_batch,
+            lease: args.result_lease,
+            poll_interval: args.poll_interval,
+        },
+        scheduler: orchestrator::SchedulerConfig {
+            poll_interval: args.poll_interval,
+            ..orchestrator::SchedulerConfig::default()
+        },
+    }
+}
+
+async fn run_orchestrator(args: OrchestratorArgs) -> anyhow::Result<()> {
+    let pool = connect(&args.db).await?;
+    if args.migrate {
+        shared::migrate::run(&pool).await.context("migrating")?;
+    }
+    let shutdown = shutdown_on_signals();
+    orchestrator::run(orchestrator_config(&args), pool.clone(), shutdown).await?;
+    pool.close().await;
+    Ok(())
+}
+
+pub fn worker_config(args: &WorkerArgs) -> anyhow::Result<worker::WorkerConfig> {
+    let namespace = shared::Namespace::parse(args.namespace.clone()).context("--namespace")?;
+    let mut config = worker::WorkerConfig::new(namespace);
+    config.concurrency = args.concurrency.max(1);
+    config.lease = args.lease;
+    config.heartbeat = args.lease / 3;
+    config.batch_size = args.result_batch.max(1);
+    config.poll_interval = args.poll_interval;
+    config.drain_deadline = args.drain_deadline;
+    config.max_deliveries = args.max_deliveries;
+    config.allow_exec = args.allow_exec;
+    Ok(config)
+}
+
+async fn run_worker(args: WorkerArgs) -> anyhow::Result<()> {
+    let config = worker_config(&args)?;
+    let pool = connect(&args.db).await?;
+    let shutdown = shutdown_on_signals();
+    let worker = worker::Worker::builder(config).build();
+    crate::health::serve_worker(
+        args.http_addr,
+        pool.clone(),
+        worker.state(),
+        shutdown.clone(),
+    )
+    .await?;
+    worker.run(pool.clone(), shutdown).await?;
+    pool.close().await;
+    Ok(())
+}

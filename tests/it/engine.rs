@@ -1,0 +1,412 @@
+//! End to end: orchestrators and workers against one database, in-process
+//! where the test is about the engine, as real processes where it is about
+//! processes.
+
+use std::time::{Duration, Instant};
+
+use serde_json::json;
+use shared::{StepState, TaskState};
+
+use crate::fleet::{self, Fleet, Proc};
+use crate::support;
+
+const LONG: Duration = Duration::from_secs(60);
+
+fn chain_yaml(n: usize) -> String {
+    let mut yaml = String::from("namespace: e2e\nname: chain\nversion: 1\nsteps:\n");
+    for i in 0..n {
+        yaml.push_str(&format!(
+            "  - name: s{i}\n    handler: builtin.noop\n    config: {{ index: {i} }}\n"
+        ));
+        if i > 0 {
+            yaml.push_str(&format!("    depends_on: [s{}]\n", i - 1));
+        }
+    }
+    yaml
+}
+
+const DIAMOND: &str = "
+namespace: e2e
+name: diamond
+version: 1
+steps:
+  - { name: a, handler: builtin.noop }
+  - { name: b, handler: builtin.noop, depends_on: [a] }
+  - { name: c, handler: builtin.noop, depends_on: [a] }
+  - { name: d, handler: builtin.noop, depends_on: [b, c] }
+";
+
+#[tokio::test]
+async fn chain_of_ten_passes_outputs_along() {
+    let pool = support::fresh_pool().await;
+    fleet::register(&pool, &chain_yaml(10)).await;
+    let fleet = Fleet::start(&pool, 1, &["e2e"]);
+    let id = fleet::create(&pool, "e2e", "chain", json!({"order": 42})).await;
+    assert_eq!(
+        fleet::wait_final(&pool, id, LONG).await,
+        TaskState::Complete
+    );
+    let steps = fleet::steps(&pool, id).await;
+    // builtin.noop returns its config, input and dependency outputs, so the
+    // last output nests every earlier step's output.
+    let last = fleet::step(&steps, "s9").output.clone().unwrap();
+    assert_eq!(last["config"], json!({"index": 9}));
+    assert_eq!(last["input"], json!({"order": 42}));
+    assert_eq!(last["dependencies"]["s8"]["config"], json!({"index": 8}));
+    assert_eq!(
+        last["dependencies"]["s8"]["dependencies"]["s7"]["config"],
+        json!({"index": 7})
+    );
+    fleet.stop().await;
+    fleet::check_books(&pool).await;
+}
+
+#[tokio::test]
+async fn diamond_joins_after_both_branches() {
+    let pool = support::fresh_pool().await;
+    fleet::register(&pool, DIAMOND).await;
+    let fleet = Fleet::start(&pool, 2, &["e2e"]);
+    let ids: Vec<_> = futures_util::future::join_all(
+        (0..20).map(|i| fleet::create(&pool, "e2e", "diamond", json!({ "i": i }))),
+    )
+    .await;
+    for id in ids {
+        assert_eq!(
+            fleet::wait_final(&pool, id, LONG).await,
+            TaskState::Complete
+        );
+        let d = fleet::step(&fleet::steps(&pool, id).await, "d")
+            .output
+            .clone()
+            .unwrap();
+        assert_eq!(
+            d["dependencies"]
+                .as_object()
+                .unwrap()
+                .keys()
+                .collect::<Vec<_>>(),
+            vec!["b", "c"]
+        );
+    }
+    fleet.stop().await;
+    fleet::check_books(&pool).await;
+}
+
+#[tokio::test]
+async fn fan_out_to_two_hundred_joins_once() {
+    let pool = support::fresh_pool().await;
+    let mut yaml = String::from(
+        "namespace: e2e\nname: fan\nversion: 1\nsteps:\n  - { name: start, handler: builtin.noop }\n",
+    );
+    let mut wide = Vec::new();
+    for i in 0..200 {
+        yaml.push_str(&format!(
+            "  - {{ name: w{i}, handler: builtin.noop, depends_on: [start] }}\n"
+        ));
+        wide.push(format!("w{i}"));
+    }
+    yaml.push_str(&format!(
+        "  - {{ name: join, handler: builtin.noop, depends_on: [{}] }}\n",
+        wide.join(", ")
+    ));
+    fleet::register(&pool, &yaml).await;
+    let fleet = Fleet::start(&pool, 3, &["e2e"]);
+    let id = fleet::create(&pool, "e2e", "fan", json!({})).await;
+    assert_eq!(
+        fleet::wait_final(&pool, id, LONG).await,
+        TaskState::Complete
+    );
+    let join_enqueued: i64 = sqlx::query_scalar(
+        "select count(*) from weft.step_transitions t join weft.steps s on s.id = t.step_id
+         where s.task_id = $1 and s.name = 'join' and t.to_state = 'enqueued'",
+    )
+    .bind(id.0)
+    .fetch_one(&pool)
+    .await
+    .unwrap();
+    assert_eq!(join_enqueued, 1, "the join is enqueued exactly once");
+    let join = fleet::step(&fleet::steps(&pool, id).await, "join")
+        .output
+        .clone()
+        .unwrap();
+    assert_eq!(join["dependencies"].as_object().unwrap().len(), 200);
+    fleet.stop().await;
+    fleet::check_books(&pool).await;
+}
+
+const RETRIES: &str = "
+namespace: e2e
+name: retries
+version: 1
+on_failure: continue
+defaults:
+  retry: { max_attempts: 3, backoff: { initial: 10ms, max: 50ms } }
+steps:
+  - { name: flaky, handler: builtin.fail, config: { mode: retryable, times: 2 } }
+  - { name: exhausted, handler: builtin.fail, config: { mode: retryable, times: 5 } }
+  - { name: broken, handler: builtin.fail, config: { mode: permanent, times: 1 } }
+  - { name: after_flaky, handler: builtin.noop, depends_on: [flaky] }
+  - { name: unknown, handler: nobody.home }
+";
+
+#[tokio::test]
+async fn retries_exhaustion_and_permanent_failures() {
+    let pool = support::fresh_pool().await;
+    fleet::register(&pool, RETRIES).await;
+    let fleet = Fleet::start(&pool, 1, &["e2e"]);
+    let id = fleet::create(&pool, "e2e", "retries", json!({})).await;
+    assert_eq!(fleet::wait_final(&pool, id, LONG).await, TaskState::Error);
+    let steps = fleet::steps(&pool, id).await;
+    let flaky = fleet::step(&steps, "flaky");
+    assert_eq!(
+        (flaky.state, flaky.attempts),
+        (StepState::Complete, 3),
+        "retry then success"
+    );
+    assert_eq!(
+        fleet::step(&steps, "after_flaky").state,
+        StepState::Complete,
+        "continue runs independent branches"
+    );
+    let exhausted = fleet::step(&steps, "exhausted");
+    assert_eq!(
+        (exhausted.state, exhausted.attempts),
+        (StepState::Error, 3),
+        "retries exhausted"
+    );
+    assert_eq!(
+        exhausted.last_error.as_ref().unwrap()["retries_exhausted"],
+        json!(true)
+    );
+    let broken = fleet::step(&steps, "broken");
+    assert_eq!(
+        (broken.state, broken.attempts),
+        (StepState::Error, 1),
+        "permanent failure is not retried"
+    );
+    let unknown = fleet::step(&steps, "unknown");
+    assert_eq!(unknown.state, StepState::Error);
+    assert_eq!(
+        unknown.last_error.as_ref().unwrap()["reason"],
+        json!("unknown_handler")
+    );
+    fleet.stop().await;
+    fleet::check_books(&pool).await;
+}
+
+#[tokio::test]
+async fn retry_after_is_honoured() {
+    let pool = support::fresh_pool().await;
+    fleet::register(
+        &pool,
+        "
+namespace: e2e
+name: later
+version: 1
+defaults:
+  retry: { max_attempts: 2, backoff: { initial: 1ms, max: 1ms } }
+steps:
+  - { name: slow_down, handler: builtin.fail, config: { mode: retryable, times: 1, retry_after_ms: 400 } }
+",
+    )
+    .await;
+    let fleet = Fleet::start(&pool, 1, &["e2e"]);
+    let id = fleet::create(&pool, "e2e", "later", json!({})).await;
+    assert_eq!(
+        fleet::wait_final(&pool, id, LONG).await,
+        TaskState::Complete
+    );
+    let gap: f64 = sqlx::query_scalar(
+        "select extract(epoch from max(at) filter (where attempt = 2 and to_state = 'enqueued')
+                                 - max(at) filter (where attempt = 1 and to_state = 'waiting_retry'))::float8
+         from weft.step_transitions where task_id = $1",
+    )
+    .bind(id.0)
+    .fetch_one(&pool)
+    .await
+    .unwrap();
+    assert!(
+        gap >= 0.4,
+        "the second attempt was enqueued {gap:.3}s after the failure, before retry_after"
+    );
+    assert!(
+        gap < 5.0,
+        "the retry was enqueued promptly, not after a coarse poll ({gap:.3}s)"
+    );
+    fleet.stop().await;
+}
+
+const SEED: &str = "
+namespace: seed
+name: seed
+version: 1
+defaults:
+  retry: { max_attempts: 5, backoff: { initial: 20ms, max: 20ms, jitter: none } }
+steps:
+  - { name: ok, handler: builtin.noop }
+  - { name: broken, handler: builtin.fail, config: { mode: permanent, times: 100 } }
+  - { name: flaky, handler: builtin.fail, config: { mode: retryable, times: 100 } }
+";
+
+/// The lesson Weft is built on: one step fails permanently while a sibling
+/// fails retryably with a short backoff and a third succeeds. Once the
+/// permanent failure is recorded the task is blocked: nothing of it is
+/// enqueued again, and it ends in `error`. Fifty times in a row, with three
+/// orchestrator and three worker processes competing.
+#[tokio::test]
+async fn seed_scenario_fifty_times_across_processes() {
+    let url = support::fresh_database().await;
+    let pool = support::pool(&url, 10).await;
+    fleet::register(&pool, SEED).await;
+    let _procs: Vec<Proc> = (0..3)
+        .map(|_| Proc::orchestrator(&url))
+        .chain((0..3).map(|_| Proc::worker(&url, "seed", &[])))
+        .collect();
+    for round in 0..50 {
+        let id = fleet::create(&pool, "seed", "seed", json!({ "round": round })).await;
+        assert_eq!(
+            fleet::wait_final(&pool, id, LONG).await,
+            TaskState::Error,
+            "round {round}"
+        );
+        let steps = fleet::steps(&pool, id).await;
+        assert_eq!(fleet::step(&steps, "ok").state, StepState::Complete);
+        assert_eq!(fleet::step(&steps, "broken").state, StepState::Error);
+        // After the permanent failure was recorded, nothing was enqueued.
+        let late: i64 = sqlx::query_scalar(
+            "select count(*) from weft.step_transitions t
+             where t.task_id = $1 and t.to_state = 'enqueued'
+               and t.at >= (select f.at from weft.step_transitions f join weft.steps s on s.id = f.step_id
+                            where s.task_id = $1 and s.name = 'broken' and f.to_state = 'error')",
+        )
+        .bind(id.0)
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+        assert_eq!(
+            late, 0,
+            "round {round}: a step was enqueued after the task was blocked"
+        );
+        let status: String =
+            sqlx::query_scalar("select execution_status from weft.task_execution_context($1)")
+                .bind(vec![id.0])
+                .fetch_one(&pool)
+                .await
+                .unwrap();
+        assert_eq!(status, "blocked_by_failures", "round {round}");
+    }
+    fleet::check_books(&pool).await;
+}
+
+/// 500 diamonds across three orchestrator and three worker processes.
+#[tokio::test]
+async fn five_hundred_diamonds_across_processes() {
+    let url = support::fresh_database().await;
+    let pool = support::pool(&url, 10).await;
+    fleet::register(&pool, DIAMOND).await;
+    let _procs: Vec<Proc> = (0..3)
+        .map(|_| Proc::orchestrator(&url))
+        .chain((0..3).map(|_| Proc::worker(&url, "e2e", &[])))
+        .collect();
+    let started = Instant::now();
+    let requests: Vec<_> = (0..500)
+        .map(|i| orchestrator::tasks::CreateTask {
+            namespace: "e2e".into(),
+            name: "diamond".into(),
+            version: None,
+            input: json!({ "i": i }),
+            priority: 0,
+            idempotency_key_hash: None,
+            request_hash: None,
+        })
+        .collect();
+    for chunk in requests.chunks(50) {
+        orchestrator::tasks::create_tasks(&pool, chunk)
+            .await
+            .unwrap();
+    }
+    fleet::wait_all_final(&pool, Duration::from_secs(120)).await;
+    println!("500 diamonds in {:.2}s", started.elapsed().as_secs_f64());
+    let complete: i64 =
+        sqlx::query_scalar("select count(*) from weft.tasks where state = 'complete'")
+            .fetch_one(&pool)
+            .await
+            .unwrap();
+    assert_eq!(complete, 500);
+    let joins: i64 = sqlx::query_scalar(
+        "select count(*) from weft.step_transitions t join weft.steps s on s.id = t.step_id
+         where s.name = 'd' and t.to_state = 'enqueued'",
+    )
+    .fetch_one(&pool)
+    .await
+    .unwrap();
+    assert_eq!(joins, 500, "every join enqueued exactly once");
+    fleet::check_books(&pool).await;
+}
+
+/// SIGTERM a worker under load: it stops reading, finishes what it holds,
+/// exits 0, and nothing is lost.
+#[tokio::test]
+async fn worker_sigterm_drain_loses_nothing() {
+    let url = support::fresh_database().await;
+    let pool = support::pool(&url, 10).await;
+    fleet::register(
+        &pool,
+        "
+namespace: drain
+name: slow
+version: 1
+steps:
+  - { name: a, handler: builtin.sleep, config: { ms: 300 } }
+  - { name: b, handler: builtin.sleep, config: { ms: 300 }, depends_on: [a] }
+",
+    )
+    .await;
+    let _orchestrator = Proc::orchestrator(&url);
+    let mut leaving = Proc::worker(
+        &url,
+        "drain",
+        &["--concurrency", "8", "--drain-deadline", "10s"],
+    );
+    let _staying = Proc::worker(&url, "drain", &["--concurrency", "8"]);
+    let requests: Vec<_> = (0..60)
+        .map(|i| orchestrator::tasks::CreateTask {
+            namespace: "drain".into(),
+            name: "slow".into(),
+            version: None,
+            input: json!({ "i": i }),
+            priority: 0,
+            idempotency_key_hash: None,
+            request_hash: None,
+        })
+        .collect();
+    orchestrator::tasks::create_tasks(&pool, &requests)
+        .await
+        .unwrap();
+    // Wait until the leaving worker certainly holds work, then ask it to stop.
+    let busy = support::wait_until(LONG, || async {
+        let in_flight: i64 = sqlx::query_scalar(
+            "select in_flight from weft.queue_stats() where queue_name = 'weft_steps_drain'",
+        )
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+        in_flight >= 12
+    })
+    .await;
+    assert!(busy, "workers never got busy");
+    leaving.signal("TERM");
+    let status = leaving.wait(Duration::from_secs(20)).await;
+    assert!(
+        status.success(),
+        "the draining worker exits 0, got {status}"
+    );
+    fleet::wait_all_final(&pool, LONG).await;
+    let complete: i64 =
+        sqlx::query_scalar("select count(*) from weft.tasks where state = 'complete'")
+            .fetch_one(&pool)
+            .await
+            .unwrap();
+    assert_eq!(complete, 60);
+    fleet::check_books(&pool).await;
+}

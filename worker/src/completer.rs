@@ -1,0 +1,160 @@
+//! The `Completer`: commits completions in batches, one transaction each:
+//! results to the result queue, poison messages to the dead-letter queue,
+//! and the step messages deleted. A batch that fails is retried, never
+//! dropped: until it commits, its messages stay leased by the heartbeat, and
+//! a result sent twice is fenced by the orchestrator.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde_json::Value;
+use shared::queue::{self, QueueName};
+use sqlx::PgPool;
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, error, warn};
+
+use crate::backoff::Backoff;
+use crate::config::WorkerConfig;
+use crate::dispatcher::Completion;
+use crate::in_flight::InFlight;
+use crate::state::WorkerState;
+
+pub struct Completer {
+    pool: PgPool,
+    steps: QueueName,
+    dead_letters: QueueName,
+    results: QueueName,
+    batch_size: usize,
+    in_flight: InFlight,
+    state: Arc<WorkerState>,
+    completions: mpsc::Receiver<Completion>,
+}
+
+impl Completer {
+    pub fn new(
+        pool: PgPool,
+        config: &WorkerConfig,
+        in_flight: InFlight,
+        state: Arc<WorkerState>,
+        completions: mpsc::Receiver<Completion>,
+    ) -> Self {
+        Self {
+            pool,
+            steps: QueueName::steps(&config.namespace),
+            dead_letters: QueueName::dead_letters(&config.namespace),
+            results: QueueName::results(),
+            batch_size: config.batch_size.max(1),
+            in_flight,
+            state,
+            completions,
+        }
+    }
+
+    /// Commits completions until every sender is gone (the dispatcher and
+    /// its handlers finished), so everything finished before shutdown is
+    /// sent. `give_up` ends a retry loop that cannot succeed in time: those
+    /// messages are left to their leases and will run again elsewhere.
+    pub async fn run(mut self, give_up: CancellationToken) {
+        let mut backoff = Backoff::new(Duration::from_millis(50), Duration::from_secs(5));
+        while let Some(first) = self.completions.recv().await {
+            // Whatever else is already waiting joins the batch: one
+            // transaction for many results when busy, no delay when idle.
+            let mut batch = vec![first];
+            while batch.len() < self.batch_size {
+                match self.completions.try_recv() {
+                    Ok(completion) => batch.push(completion),
+                    Err(_) => break,
+                }
+            }
+            loop {
+                let attempt = tokio::select! {
+                    // Cancel-safe: dropping an open transaction rolls it back.
+                    result = self.run_once(&batch) => result,
+                    // Cancel-safe: cancellation is a flag.
+                    () = give_up.cancelled() => return self.abandon(batch),
+                };
+                match attempt {
+                    Ok(()) => {
+                        backoff.reset();
+                        break;
+                    }
+                    Err(e) => {
+                        self.state.db_error();
+                        let delay = backoff.next_delay();
+                        warn!(error = %e, batch = batch.len(), retry_in = ?delay, "completing steps failed");
+                        tokio::select! {
+                            // Cancel-safe: a sleep holds nothing.
+                            () = tokio::time::sleep(delay) => {}
+                            // Cancel-safe: cancellation is a flag.
+                            () = give_up.cancelled() => return self.abandon(batch),
+                        }
+                    }
+                }
+            }
+        }
+        debug!("completer stopped");
+    }
+
+    /// Commits one batch in one transaction. Results of withdrawn steps are
+    /// not sent (nobody wants them), but their messages are deleted all the same.
+    pub async fn run_once(&self, batch: &[Completion]) -> Result<(), sqlx::Error> {
+        let results: Vec<Value> = batch
+            .iter()
+            .filter(|c| !self.in_flight.is_withdrawn(c.msg_id()))
+            .filter_map(Completion::result)
+            .map(|r| r.to_value())
+            .collect();
+        let dead: Vec<Value> = batch
+            .iter()
+            .filter_map(|c| match c {
+                Completion::DeadLetter { dead_letter, .. } => Some(dead_letter.clone()),
+                Completion::Done { .. } => None,
+            })
+            .collect();
+        let ids: Vec<i64> = batch.iter().map(Completion::msg_id).collect();
+
+        let mut tx = self.pool.begin().await?;
+        if !results.is_empty() {
+            queue::send_batch(&mut *tx, &self.results, &results).await?;
+        }
+        if !dead.is_empty() {
+            queue::send_batch(&mut *tx, &self.dead_letters, &dead).await?;
+        }
+        // A message already gone (withdrawn, or redelivered and completed
+        // elsewhere) deletes nothing; its result is sent anyway, and fenced.
+        let deleted = queue::delete_batch(&mut *tx, &self.steps, &ids).await?;
+        tx.commit().await?;
+
+        self.state.db_ok();
+        for completion in batch {
+            if let Some(result) = completion.result() {
+                self.state.outcome(&result.outcome);
+            }
+            if matches!(completion, Completion::DeadLetter { .. }) {
+                self.state.dead_letter();
+            }
+        }
+        self.in_flight.remove(&ids);
+        debug!(
+            results = results.len(),
+            dead_letters = dead.len(),
+            deleted = deleted.len(),
+            "steps completed"
+        );
+        Ok(())
+    }
+
+    /// Gives up on `batch` and whatever is still queued behind it.
+    fn abandon(mut self, mut batch: Vec<Completion>) {
+        self.completions.close();
+        while let Ok(completion) = self.completions.try_recv() {
+            batch.push(completion);
+        }
+        let msg_ids: Vec<i64> = batch.iter().map(Completion::msg_id).collect();
+        error!(
+            ?msg_ids,
+            "could not commit results before the drain deadline; their steps will run again after their leases"
+        );
+    }
+}
