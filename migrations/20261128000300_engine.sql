@@ -162,6 +162,22 @@ language sql as $$
     left join moved m on m.id = c.task_id
 $$;
 
+-- Results that fencing dropped (late, duplicate, or for a withdrawn step),
+-- kept so an operator sees them in the step's history.
+create table weft.stale_results (
+    id bigint generated always as identity primary key,
+    task_id uuid not null,
+    step_id uuid not null,
+    attempt integer not null,
+    -- The step's state and attempt when the result arrived (null: no such step).
+    step_state text,
+    step_attempt integer,
+    result jsonb not null,
+    at timestamptz not null default now()
+);
+create index stale_results_by_step on weft.stale_results (step_id, id);
+create index stale_results_by_task on weft.stale_results (task_id);
+
 -- Applies a batch of worker results. Each element of p_results is
 --   {task_id, step_id, attempt, status: success|retryable|permanent,
 --    output?, error?: {message, reason}, retry_after_ms?}
@@ -195,6 +211,10 @@ begin
     loop
         select * into s from weft.steps where id = r.step_id and task_id = r.task_id;
         if not found or s.state <> 'enqueued' or s.attempts <> r.attempt then
+            -- Fenced off: acknowledged, recorded for operators, never applied.
+            insert into weft.stale_results (task_id, step_id, attempt, step_state, step_attempt, result, at)
+            values (r.task_id, r.step_id, r.attempt, s.state, s.attempts,
+                    jsonb_build_object('status', r.status, 'error', r.error), v_now);
             step_id := r.step_id; attempt := r.attempt; outcome := 'stale';
             return next;
             continue;

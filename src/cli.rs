@@ -70,6 +70,20 @@ async fn run(command: Command) -> anyhow::Result<ExitCode> {
             run_worker(args).await?;
             Ok(ExitCode::SUCCESS)
         }
+        Command::Check(args) => {
+            let pool = connect(&args.db).await?;
+            let checks = orchestrator::store::check_invariants(&pool, args.grace).await?;
+            let mut violated = false;
+            for check in &checks {
+                let mark = if check.violations == 0 { "ok  " } else { "FAIL" };
+                println!("{mark} {} ({} violations)", check.invariant, check.violations);
+                for example in check.examples.iter().flatten() {
+                    println!("       e.g. {example}");
+                }
+                violated |= check.violations > 0;
+            }
+            Ok(if violated { ExitCode::FAILURE } else { ExitCode::SUCCESS })
+        }
         Command::Dev(args) => crate::dev::run(args).await,
     }
 }

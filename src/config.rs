@@ -38,6 +38,10 @@ pub enum Command {
     ///
     /// Example: weft worker --namespace shop --concurrency 32
     Worker(WorkerArgs),
+    /// Check the database's invariants; exits non-zero with a report when any is violated.
+    ///
+    /// Example: weft check --grace 30s
+    Check(CheckArgs),
     /// Everything on one machine: a private PostgreSQL, an orchestrator and
     /// workers, the example templates and a run of each.
     ///
@@ -135,4 +139,13 @@ pub struct DevArgs {
     /// Exit once the example tasks have finished instead of serving until Ctrl-C.
     #[arg(long, env = "WEFT_DEV_EXIT", default_value_t = false)]
     pub exit_when_done: bool,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct CheckArgs {
+    #[command(flatten)]
+    pub db: DbArgs,
+    /// Leave work younger than this alone (a retry just due, a result not yet applied).
+    #[arg(long, env = "WEFT_CHECK_GRACE", default_value = "30s", value_parser = duration)]
+    pub grace: Duration,
 }

@@ -12,6 +12,7 @@
 pub mod api;
 pub mod collector;
 pub mod metrics;
+pub mod operator;
 pub mod scheduler;
 pub mod store;
 pub mod tasks;

@@ -493,3 +493,231 @@ pub fn parse_definition(record: &TemplateRecord) -> Result<Template, StoreError>
         message: e.to_string(),
     })
 }
+
+/// What an operator action did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ActionOutcome {
+    Applied,
+    /// Refused, with the reason (`not_failed`, `task_cancelled`, …).
+    Refused(String),
+    NotFound(String),
+}
+
+fn action_outcome(outcome: &str) -> ActionOutcome {
+    match outcome {
+        "applied" => ActionOutcome::Applied,
+        "task_not_found" | "step_not_found" => ActionOutcome::NotFound(outcome.replace('_', " ")),
+        other => ActionOutcome::Refused(other.to_owned()),
+    }
+}
+
+/// Cancels a task (see `weft.cancel_task`). `None` when there is no such task;
+/// otherwise its state afterwards and whether this call cancelled it.
+pub async fn cancel_task(
+    executor: impl PgExecutor<'_>,
+    id: TaskId,
+    reason: Option<&str>,
+) -> Result<Option<(TaskState, bool)>, StoreError> {
+    Ok(sqlx::query_as("select state, applied from weft.cancel_task($1, $2)")
+        .bind(id.0)
+        .bind(reason)
+        .fetch_optional(executor)
+        .await?)
+}
+
+/// Gives a failed step a fresh budget of attempts.
+pub async fn retry_step(executor: impl PgExecutor<'_>, id: TaskId, step: &str) -> Result<ActionOutcome, StoreError> {
+    let outcome: String = sqlx::query_scalar("select outcome from weft.retry_step($1, $2)")
+        .bind(id.0)
+        .bind(step)
+        .fetch_one(executor)
+        .await?;
+    Ok(action_outcome(&outcome))
+}
+
+/// Marks a step done with an optional output.
+pub async fn resolve_step(
+    executor: impl PgExecutor<'_>,
+    id: TaskId,
+    step: &str,
+    output: Option<&Value>,
+) -> Result<ActionOutcome, StoreError> {
+    let outcome: String = sqlx::query_scalar("select outcome from weft.resolve_step($1, $2, $3)")
+        .bind(id.0)
+        .bind(step)
+        .bind(output)
+        .fetch_one(executor)
+        .await?;
+    Ok(action_outcome(&outcome))
+}
+
+/// Filters and page of a task listing.
+#[derive(Debug, Clone, Default)]
+pub struct TaskFilter {
+    pub namespace: Option<String>,
+    pub name: Option<String>,
+    pub version: Option<i32>,
+    pub state: Option<TaskState>,
+    pub created_after: Option<DateTime<Utc>>,
+    pub created_before: Option<DateTime<Utc>>,
+    /// Continue after this (created_at, id), newest first.
+    pub after: Option<(DateTime<Utc>, Uuid)>,
+    pub limit: i64,
+}
+
+/// Lists tasks newest first, with a stable (created_at, id) order for cursors.
+pub async fn list_tasks(executor: impl PgExecutor<'_>, filter: &TaskFilter) -> Result<Vec<TaskRow>, StoreError> {
+    Ok(sqlx::query_as(
+        "select t.id, t.namespace, tp.name as template_name, tp.version as template_version,
+                t.state, null::text as execution_status, t.on_failure, t.input, t.priority,
+                t.created_at, t.started_at, t.finished_at
+         from weft.tasks t
+         join weft.templates tp on tp.id = t.template_id
+         where ($1::text is null or t.namespace = $1)
+           and ($2::text is null or tp.name = $2)
+           and ($3::int is null or tp.version = $3)
+           and ($4::text is null or t.state = $4)
+           and ($5::timestamptz is null or t.created_at >= $5)
+           and ($6::timestamptz is null or t.created_at < $6)
+           and ($7::timestamptz is null or (t.created_at, t.id) < ($7, $8))
+         order by t.created_at desc, t.id desc
+         limit $9",
+    )
+    .bind(filter.namespace.as_deref())
+    .bind(filter.name.as_deref())
+    .bind(filter.version)
+    .bind(filter.state)
+    .bind(filter.created_after)
+    .bind(filter.created_before)
+    .bind(filter.after.map(|a| a.0))
+    .bind(filter.after.map(|a| a.1))
+    .bind(filter.limit)
+    .fetch_all(executor)
+    .await?)
+}
+
+/// A task's counts and status, as `weft.task_execution_context` computes them.
+#[derive(Debug, Clone, Serialize, sqlx::FromRow)]
+pub struct ExecutionContext {
+    pub total_steps: i32,
+    pub pending_steps: i32,
+    pub enqueued_steps: i32,
+    pub waiting_retry_steps: i32,
+    pub complete_steps: i32,
+    pub error_steps: i32,
+    pub cancelled_steps: i32,
+    pub resolved_steps: i32,
+    pub ready_steps: i32,
+    pub failed_steps: i32,
+    pub retry_due_later_steps: i32,
+    pub next_retry_at: Option<DateTime<Utc>>,
+    pub execution_status: ExecutionStatus,
+}
+
+pub async fn execution_context(
+    executor: impl PgExecutor<'_>,
+    id: TaskId,
+) -> Result<Option<ExecutionContext>, StoreError> {
+    Ok(sqlx::query_as(
+        "select total_steps, pending_steps, enqueued_steps, waiting_retry_steps, complete_steps, error_steps,
+                cancelled_steps, resolved_steps, ready_steps, failed_steps, retry_due_later_steps,
+                next_retry_at, execution_status
+         from weft.task_execution_context(array[$1::uuid])",
+    )
+    .bind(id.0)
+    .fetch_optional(executor)
+    .await?)
+}
+
+/// One entry of a step's history: a transition, or a result fencing dropped.
+#[derive(Debug, Clone, Serialize, sqlx::FromRow)]
+pub struct HistoryEntry {
+    pub at: DateTime<Utc>,
+    pub step: Option<String>,
+    pub attempt: Option<i32>,
+    pub from_state: Option<String>,
+    pub to_state: Option<String>,
+    /// `transition`, `task_transition` or `stale_result`.
+    pub kind: String,
+    pub reason: Option<String>,
+    pub detail: Option<Value>,
+}
+
+/// A task's whole history, oldest first.
+pub async fn task_history(executor: impl PgExecutor<'_>, id: TaskId) -> Result<Vec<HistoryEntry>, StoreError> {
+    Ok(sqlx::query_as(
+        "select at, step, attempt, from_state, to_state, kind, reason, detail from (
+             select t.at, null::text as step, null::int as attempt, t.from_state, t.to_state,
+                    'task_transition' as kind, t.reason, null::jsonb as detail, t.id as seq, 0 as src
+             from weft.task_transitions t where t.task_id = $1
+             union all
+             select t.at, s.name, t.attempt, t.from_state, t.to_state, 'transition', t.reason, t.detail, t.id, 1
+             from weft.step_transitions t join weft.steps s on s.id = t.step_id where t.task_id = $1
+             union all
+             select r.at, s.name, r.attempt, r.step_state, null, 'stale_result', 'fenced_off', r.result, r.id, 2
+             from weft.stale_results r left join weft.steps s on s.id = r.step_id where r.task_id = $1
+         ) h order by at, src, seq",
+    )
+    .bind(id.0)
+    .fetch_all(executor)
+    .await?)
+}
+
+/// A dead-lettered message.
+#[derive(Debug, Clone, Serialize, sqlx::FromRow)]
+pub struct DeadLetter {
+    pub queue: String,
+    pub msg_id: i64,
+    pub enqueued_at: DateTime<Utc>,
+    pub message: Value,
+}
+
+/// Every dead letter of every namespace (and of the result queue), oldest first.
+pub async fn list_dead_letters(executor: impl PgExecutor<'_>, limit: i64) -> Result<Vec<DeadLetter>, StoreError> {
+    Ok(sqlx::query_as("select queue, msg_id, enqueued_at, message from weft.dead_letters($1)")
+        .bind(limit)
+        .fetch_all(executor)
+        .await?)
+}
+
+/// Reads one dead letter, locking it.
+pub async fn take_dead_letter(
+    executor: impl PgExecutor<'_>,
+    queue: &str,
+    msg_id: i64,
+) -> Result<Option<DeadLetter>, StoreError> {
+    Ok(sqlx::query_as("select queue, msg_id, enqueued_at, message from weft.take_dead_letter($1, $2)")
+        .bind(queue)
+        .bind(msg_id)
+        .fetch_optional(executor)
+        .await?)
+}
+
+/// One invariant and its violations.
+#[derive(Debug, Clone, Serialize, sqlx::FromRow)]
+pub struct InvariantCheck {
+    pub invariant: String,
+    pub violations: i64,
+    pub examples: Option<Vec<String>>,
+}
+
+pub async fn check_invariants(
+    executor: impl PgExecutor<'_>,
+    grace: std::time::Duration,
+) -> Result<Vec<InvariantCheck>, StoreError> {
+    Ok(sqlx::query_as(
+        "select invariant, violations, examples from weft.check_invariants(make_interval(secs => $1))",
+    )
+    .bind(grace.as_secs_f64())
+    .fetch_all(executor)
+    .await?)
+}
+
+/// A step's name, if it belongs to the task.
+pub async fn step_name(executor: impl PgExecutor<'_>, task: TaskId, step: Uuid) -> Result<Option<String>, StoreError> {
+    Ok(sqlx::query_scalar("select name from weft.steps where task_id = $1 and id = $2")
+        .bind(task.0)
+        .bind(step)
+        .fetch_optional(executor)
+        .await?)
+}
