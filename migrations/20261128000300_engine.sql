@@ -7,8 +7,13 @@
 -- (attempt + 1), writes its message to its namespace's step queue and records
 -- the transition, all in the caller's transaction. Under `fail_fast` a task
 -- blocked by failures gets nothing new; under `continue` its independent
--- branches still run. The caller must hold the tasks' row locks.
-create function weft.enqueue_ready_steps(p_task_ids uuid[], p_now timestamptz default null)
+-- branches still run. Steps in p_force (an operator's explicit retry) run
+-- even when their task is blocked. The caller must hold the tasks' row locks.
+create function weft.enqueue_ready_steps(
+    p_task_ids uuid[],
+    p_now timestamptz default null,
+    p_force uuid[] default '{}'
+)
 returns table (task_id uuid, step_id uuid, msg_id bigint)
 language plpgsql as $$
 declare
@@ -59,7 +64,8 @@ begin
         join weft.tasks t on t.id = r.task_id
         where r.ready
           and t.state in ('pending', 'running')
-          and (t.on_failure = 'continue' or r.task_id not in (select b.task_id from blocked b))
+          and (t.on_failure = 'continue' or r.task_id not in (select b.task_id from blocked b)
+               or r.step_id = any (p_force))
         order by s.task_id, s.position
     )
     select array_agg(b.task_id), array_agg(b.id), array_agg(b.namespace), array_agg(b.state),

@@ -246,7 +246,7 @@ end
 $$;
 
 -- Every dead letter, of every namespace and of the result queue, oldest first.
-create function weft.dead_letters(p_limit integer)
+create function weft.dead_letters(p_limit bigint)
 returns table (queue text, msg_id bigint, enqueued_at timestamptz, message jsonb)
 language plpgsql stable as $$
 declare

@@ -75,16 +75,31 @@ async fn run(command: Command) -> anyhow::Result<ExitCode> {
             let checks = orchestrator::store::check_invariants(&pool, args.grace).await?;
             let mut violated = false;
             for check in &checks {
-                let mark = if check.violations == 0 { "ok  " } else { "FAIL" };
-                println!("{mark} {} ({} violations)", check.invariant, check.violations);
+                let mark = if check.violations == 0 {
+                    "ok  "
+                } else {
+                    "FAIL"
+                };
+                println!(
+                    "{mark} {} ({} violations)",
+                    check.invariant, check.violations
+                );
                 for example in check.examples.iter().flatten() {
                     println!("       e.g. {example}");
                 }
                 violated |= check.violations > 0;
             }
-            Ok(if violated { ExitCode::FAILURE } else { ExitCode::SUCCESS })
+            Ok(if violated {
+                ExitCode::FAILURE
+            } else {
+                ExitCode::SUCCESS
+            })
         }
         Command::Dev(args) => crate::dev::run(args).await,
+        Command::Template(args) => Ok(crate::client::template(args).await),
+        Command::Task(args) => Ok(crate::client::task(args).await),
+        Command::Queue(args) => Ok(crate::client::queue(args).await),
+        Command::Dlq(args) => Ok(crate::client::dlq(args).await),
     }
 }
 

@@ -47,6 +47,22 @@ pub enum Command {
     ///
     /// Example: weft dev
     Dev(DevArgs),
+    /// Client: apply template files, list and show registered templates.
+    ///
+    /// Example: weft template apply examples/*.yaml
+    Template(TemplateArgs),
+    /// Client: create tasks (and watch them run), inspect, cancel and repair them.
+    ///
+    /// Example: weft task create demo/diamond --input '{"order":7}' --wait
+    Task(TaskArgs),
+    /// Client: per-queue depth, messages in flight and the oldest message's age.
+    ///
+    /// Example: weft queue stats
+    Queue(QueueArgs),
+    /// Client: list and replay dead-lettered step messages.
+    ///
+    /// Example: weft dlq list
+    Dlq(DlqArgs),
 }
 
 #[derive(Debug, Clone, Args)]
@@ -148,4 +164,227 @@ pub struct CheckArgs {
     /// Leave work younger than this alone (a retry just due, a result not yet applied).
     #[arg(long, env = "WEFT_CHECK_GRACE", default_value = "30s", value_parser = duration)]
     pub grace: Duration,
+}
+
+/// Where a client command finds the API and how it prints. A value comes from
+/// the flag, else its variable, else the config file, else the default.
+#[derive(Debug, Clone, Args)]
+#[command(next_help_heading = "Client options")]
+pub struct ClientArgs {
+    /// Base URL of the orchestrator's API [default: `api_url` from the config
+    /// file, else http://127.0.0.1:8080].
+    #[arg(long, env = "WEFT_API_URL", global = true)]
+    pub api_url: Option<String>,
+    /// Bearer token sent with every request [default: `token` from the config file].
+    #[arg(long, env = "WEFT_TOKEN", global = true, hide_env_values = true)]
+    pub token: Option<String>,
+    /// Output: aligned plain-text tables, or the API's JSON pretty-printed.
+    #[arg(long, env = "WEFT_OUTPUT", value_enum, default_value_t = OutputFormat::Table, global = true)]
+    pub output: OutputFormat,
+    /// Client config file, JSON: {"api_url": "...", "token": "..."}
+    /// [default: $HOME/.config/weft/client.json, ignored when missing].
+    #[arg(long, env = "WEFT_CONFIG", global = true)]
+    pub config: Option<std::path::PathBuf>,
+    /// The default config file, resolved here because only this module reads the environment.
+    #[arg(skip = default_client_config())]
+    pub default_config: Option<std::path::PathBuf>,
+}
+
+fn default_client_config() -> Option<std::path::PathBuf> {
+    let home = std::env::var_os("HOME").filter(|h| !h.is_empty())?;
+    Some(std::path::Path::new(&home).join(".config/weft/client.json"))
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum OutputFormat {
+    Table,
+    Json,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct TemplateArgs {
+    #[command(flatten)]
+    pub client: ClientArgs,
+    #[command(subcommand)]
+    pub command: TemplateCommand,
+}
+
+#[derive(Debug, Clone, Subcommand)]
+pub enum TemplateCommand {
+    /// Register template files (YAML or JSON); prints per file `created`,
+    /// `unchanged`, `conflict` or `invalid`, and exits 1 if any file failed.
+    ///
+    /// Example: weft template apply examples/diamond.yaml examples/chain.yaml
+    Apply {
+        /// Template files.
+        #[arg(required = true)]
+        files: Vec<std::path::PathBuf>,
+    },
+    /// List registered templates.
+    ///
+    /// Example: weft template list --namespace demo
+    List {
+        /// Only this namespace.
+        #[arg(long)]
+        namespace: Option<String>,
+    },
+    /// Show one registered template version, with its defaults resolved.
+    ///
+    /// Example: weft template show demo/diamond@1
+    Show {
+        /// NAMESPACE/NAME@VERSION
+        template: String,
+    },
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct TaskArgs {
+    #[command(flatten)]
+    pub client: ClientArgs,
+    #[command(subcommand)]
+    pub command: TaskCommand,
+}
+
+#[derive(Debug, Clone, Subcommand)]
+pub enum TaskCommand {
+    /// Create a task from a template (the latest version unless @VERSION is given).
+    ///
+    /// With --wait, prints each step's state changes until the task ends, then
+    /// the outputs; the exit status is 0 when it completed, 1 when it ended in
+    /// error (or the command failed), 2 when it was cancelled.
+    ///
+    /// Example: weft task create demo/diamond --input '{"order":7}' --wait
+    Create {
+        /// NAMESPACE/NAME[@VERSION]
+        template: String,
+        /// The task's input: JSON, @FILE to read it from a file, or @- for stdin.
+        #[arg(long, default_value = "{}")]
+        input: String,
+        /// Creating again with the same key returns the existing task.
+        #[arg(long)]
+        idempotency_key: Option<String>,
+        /// Higher runs first.
+        #[arg(long)]
+        priority: Option<i32>,
+        /// Watch the task until it ends; the exit status tells how it ended.
+        #[arg(long)]
+        wait: bool,
+    },
+    /// Show a task and its steps.
+    ///
+    /// Example: weft task get 0190f7c4-6c1e-7a52-9d1e-3f0c2b9a4e11
+    Get {
+        /// Task id.
+        id: String,
+    },
+    /// List tasks, newest first; prints the cursor of the next page.
+    ///
+    /// Example: weft task list --namespace demo --state error --limit 20
+    List {
+        /// Only this namespace.
+        #[arg(long)]
+        namespace: Option<String>,
+        /// Only this template name.
+        #[arg(long)]
+        name: Option<String>,
+        /// Only this state (pending, running, complete, error, cancelled).
+        #[arg(long)]
+        state: Option<String>,
+        /// Tasks per page (1 to 500) [default: 50].
+        #[arg(long)]
+        limit: Option<i64>,
+        /// Continue after this cursor, as printed by the previous page.
+        #[arg(long)]
+        cursor: Option<String>,
+    },
+    /// Cancel a task: its waiting steps are cancelled, queued messages withdrawn,
+    /// and results that arrive later are discarded.
+    ///
+    /// Example: weft task cancel 0190f7c4-6c1e-7a52-9d1e-3f0c2b9a4e11 --reason "duplicate order"
+    Cancel {
+        /// Task id.
+        id: String,
+        /// Recorded in the task's history.
+        #[arg(long)]
+        reason: Option<String>,
+    },
+    /// Explain why a task is in its status: what blocks it, what is ready, which retries are due.
+    ///
+    /// Example: weft task explain 0190f7c4-6c1e-7a52-9d1e-3f0c2b9a4e11
+    Explain {
+        /// Task id.
+        id: String,
+    },
+    /// Show every state change of a task and its steps, oldest first.
+    ///
+    /// Example: weft task history 0190f7c4-6c1e-7a52-9d1e-3f0c2b9a4e11
+    History {
+        /// Task id.
+        id: String,
+    },
+    /// Run a failed step again, with a fresh budget of attempts.
+    ///
+    /// Example: weft task retry-step 0190f7c4-6c1e-7a52-9d1e-3f0c2b9a4e11 charge
+    RetryStep {
+        /// Task id.
+        id: String,
+        /// Step name.
+        step: String,
+    },
+    /// Mark a failed step resolved by hand, optionally with the output its dependents receive.
+    ///
+    /// Example: weft task resolve-step 0190f7c4-6c1e-7a52-9d1e-3f0c2b9a4e11 charge --step-output '{"charged":true}'
+    ResolveStep {
+        /// Task id.
+        id: String,
+        /// Step name.
+        step: String,
+        /// The output its dependents receive: JSON, @FILE or @- for stdin.
+        /// (Named apart from `--output`, which picks the output format.)
+        #[arg(long)]
+        step_output: Option<String>,
+    },
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct QueueArgs {
+    #[command(flatten)]
+    pub client: ClientArgs,
+    #[command(subcommand)]
+    pub command: QueueCommand,
+}
+
+#[derive(Debug, Clone, Subcommand)]
+pub enum QueueCommand {
+    /// Per queue: messages waiting, messages in flight, age of the oldest message.
+    ///
+    /// Example: weft queue stats --output json
+    Stats,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct DlqArgs {
+    #[command(flatten)]
+    pub client: ClientArgs,
+    #[command(subcommand)]
+    pub command: DlqCommand,
+}
+
+#[derive(Debug, Clone, Subcommand)]
+pub enum DlqCommand {
+    /// List dead-lettered step messages, newest first.
+    ///
+    /// Example: weft dlq list --limit 20
+    List {
+        /// Most entries shown (1 to 500) [default: 100].
+        #[arg(long)]
+        limit: Option<i64>,
+    },
+    /// Run a dead-lettered step again, as a new attempt, and drop the dead letter.
+    ///
+    /// Example: weft dlq replay weft_dlq_demo:42
+    Replay {
+        /// Dead letter id, as `weft dlq list` prints it.
+        id: String,
+    },
 }

@@ -5,6 +5,7 @@
 //! crates and prints; it holds no orchestration or worker logic of its own.
 
 pub mod cli;
+pub mod client;
 pub mod config;
 pub mod dev;
 pub mod health;

@@ -322,7 +322,10 @@ fn task_id(raw: &str) -> Result<TaskId, ApiError> {
     })
 }
 
-async fn get_task(State(state): State<AppState>, Path(id): Path<String>) -> Result<Json<Value>, ApiError> {
+async fn get_task(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+) -> Result<Json<Value>, ApiError> {
     Ok(Json(task_body(&state.pool, task_id(&id)?).await?))
 }
 
@@ -335,26 +338,46 @@ struct BatchBody {
     tasks: Vec<Value>,
 }
 
-async fn create_task_batch(State(state): State<AppState>, body: Bytes) -> Result<Response, ApiError> {
+async fn create_task_batch(
+    State(state): State<AppState>,
+    body: Bytes,
+) -> Result<Response, ApiError> {
     let batch: BatchBody = parse_json(&body)?;
     if batch.tasks.is_empty() || batch.tasks.len() > MAX_BATCH {
-        return Err(invalid("tasks", format!("must hold 1 to {MAX_BATCH} tasks")));
+        return Err(invalid(
+            "tasks",
+            format!("must hold 1 to {MAX_BATCH} tasks"),
+        ));
     }
     let mut requests = Vec::with_capacity(batch.tasks.len());
     for (i, raw) in batch.tasks.iter().enumerate() {
         let bytes = serde_json::to_vec(raw).map_err(|_| ApiError::Internal)?;
         let parsed = CreateTaskBody::parse(&bytes).map_err(|e| match e {
-            ApiError::Invalid { status, path, message } => {
-                let path = if path.is_empty() { format!("tasks[{i}]") } else { format!("tasks[{i}].{path}") };
-                ApiError::Invalid { status, path, message }
+            ApiError::Invalid {
+                status,
+                path,
+                message,
+            } => {
+                let path = if path.is_empty() {
+                    format!("tasks[{i}]")
+                } else {
+                    format!("tasks[{i}].{path}")
+                };
+                ApiError::Invalid {
+                    status,
+                    path,
+                    message,
+                }
             }
             other => other,
         })?;
         requests.push(parsed.into_request());
     }
     let created = tasks::create_tasks(&state.pool, &requests).await?;
-    let items: Vec<Value> =
-        created.iter().map(|c| json!({ "id": c.id(), "created": matches!(c, Created::New(_)) })).collect();
+    let items: Vec<Value> = created
+        .iter()
+        .map(|c| json!({ "id": c.id(), "created": matches!(c, Created::New(_)) }))
+        .collect();
     Ok((StatusCode::CREATED, Json(json!({ "tasks": items }))).into_response())
 }
 
@@ -384,18 +407,30 @@ fn decode_cursor(cursor: &str) -> Option<(chrono::DateTime<chrono::Utc>, uuid::U
     Some((at, id.parse().ok()?))
 }
 
-async fn list_tasks(State(state): State<AppState>, query: Query<ListQuery>) -> Result<Json<Value>, ApiError> {
+async fn list_tasks(
+    State(state): State<AppState>,
+    query: Query<ListQuery>,
+) -> Result<Json<Value>, ApiError> {
     let q = query.0;
     let limit = q.limit.unwrap_or(50);
     if !(1..=MAX_PAGE).contains(&limit) {
-        return Err(invalid("limit", format!("must be between 1 and {MAX_PAGE}")));
+        return Err(invalid(
+            "limit",
+            format!("must be between 1 and {MAX_PAGE}"),
+        ));
     }
     let task_state = match q.state.as_deref() {
-        Some(s) => Some(s.parse::<shared::TaskState>().map_err(|e| invalid("state", e.to_string()))?),
+        Some(s) => Some(
+            s.parse::<shared::TaskState>()
+                .map_err(|e| invalid("state", e.to_string()))?,
+        ),
         None => None,
     };
     let after = match q.cursor.as_deref() {
-        Some(c) => Some(decode_cursor(c).ok_or_else(|| invalid("cursor", "is not a cursor this API returned"))?),
+        Some(c) => Some(
+            decode_cursor(c)
+                .ok_or_else(|| invalid("cursor", "is not a cursor this API returned"))?,
+        ),
         None => None,
     };
     let filter = store::TaskFilter {
@@ -418,14 +453,23 @@ async fn list_tasks(State(state): State<AppState>, query: Query<ListQuery>) -> R
     Ok(Json(json!({ "items": rows, "next_cursor": next })))
 }
 
-async fn explain_task(State(state): State<AppState>, Path(id): Path<String>) -> Result<Json<Value>, ApiError> {
+async fn explain_task(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+) -> Result<Json<Value>, ApiError> {
     let id = task_id(&id)?;
-    let explanation =
-        operator::explain(&state.pool, id).await?.ok_or_else(|| ApiError::NotFound(format!("task {id} not found")))?;
-    Ok(Json(serde_json::to_value(explanation).map_err(|_| ApiError::Internal)?))
+    let explanation = operator::explain(&state.pool, id)
+        .await?
+        .ok_or_else(|| ApiError::NotFound(format!("task {id} not found")))?;
+    Ok(Json(
+        serde_json::to_value(explanation).map_err(|_| ApiError::Internal)?,
+    ))
 }
 
-async fn task_history(State(state): State<AppState>, Path(id): Path<String>) -> Result<Json<Value>, ApiError> {
+async fn task_history(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+) -> Result<Json<Value>, ApiError> {
     let id = task_id(&id)?;
     if store::get_task(&state.pool, id).await?.is_none() {
         return Err(ApiError::NotFound(format!("task {id} not found")));
@@ -440,25 +484,36 @@ struct CancelBody {
     reason: Option<String>,
 }
 
-async fn cancel_task(State(state): State<AppState>, Path(id): Path<String>, body: Bytes) -> Result<Response, ApiError> {
+async fn cancel_task(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+    body: Bytes,
+) -> Result<Response, ApiError> {
     let id = task_id(&id)?;
-    let body: CancelBody = if body.is_empty() { CancelBody::default() } else { parse_json(&body)? };
+    let body: CancelBody = if body.is_empty() {
+        CancelBody::default()
+    } else {
+        parse_json(&body)?
+    };
     match operator::cancel(&state.pool, id, body.reason.as_deref()).await? {
         None => Err(ApiError::NotFound(format!("task {id} not found"))),
         Some((_, true)) => Ok(Json(task_body(&state.pool, id).await?).into_response()),
-        Some((task_state, false)) => {
-            Err(ApiError::Conflict(format!("task {id} is already {task_state} and cannot be cancelled")))
-        }
+        Some((task_state, false)) => Err(ApiError::Conflict(format!(
+            "task {id} is already {task_state} and cannot be cancelled"
+        ))),
     }
 }
 
 fn repaired(outcome: store::ActionOutcome, id: TaskId, step: &str) -> Result<(), ApiError> {
     match outcome {
         store::ActionOutcome::Applied => Ok(()),
-        store::ActionOutcome::NotFound(what) => Err(ApiError::NotFound(format!("{what}: task {id}, step {step}"))),
-        store::ActionOutcome::Refused(reason) => {
-            Err(ApiError::Conflict(format!("step {step} of task {id}: {}", reason.replace('_', " "))))
-        }
+        store::ActionOutcome::NotFound(what) => Err(ApiError::NotFound(format!(
+            "{what}: task {id}, step {step}"
+        ))),
+        store::ActionOutcome::Refused(reason) => Err(ApiError::Conflict(format!(
+            "step {step} of task {id}: {}",
+            reason.replace('_', " ")
+        ))),
     }
 }
 
@@ -484,14 +539,28 @@ async fn resolve_step(
     body: Bytes,
 ) -> Result<Json<Value>, ApiError> {
     let id = task_id(&id)?;
-    let body: ResolveBody = if body.is_empty() { ResolveBody::default() } else { parse_json(&body)? };
-    let outcome = operator::repair(&state.pool, id, &step, operator::Repair::Resolve { output: body.output }).await?;
+    let body: ResolveBody = if body.is_empty() {
+        ResolveBody::default()
+    } else {
+        parse_json(&body)?
+    };
+    let outcome = operator::repair(
+        &state.pool,
+        id,
+        &step,
+        operator::Repair::Resolve {
+            output: body.output,
+        },
+    )
+    .await?;
     repaired(outcome, id, &step)?;
     Ok(Json(task_body(&state.pool, id).await?))
 }
 
 async fn queues(State(state): State<AppState>) -> Result<Json<Value>, ApiError> {
-    let stats = shared::queue::stats(&state.pool).await.map_err(StoreError::from)?;
+    let stats = shared::queue::stats(&state.pool)
+        .await
+        .map_err(StoreError::from)?;
     let items: Vec<Value> = stats
         .into_iter()
         .map(|q| {
@@ -512,10 +581,16 @@ struct DlqQuery {
     limit: Option<i64>,
 }
 
-async fn dead_letters(State(state): State<AppState>, query: Query<DlqQuery>) -> Result<Json<Value>, ApiError> {
+async fn dead_letters(
+    State(state): State<AppState>,
+    query: Query<DlqQuery>,
+) -> Result<Json<Value>, ApiError> {
     let limit = query.0.limit.unwrap_or(100);
     if !(1..=MAX_PAGE).contains(&limit) {
-        return Err(invalid("limit", format!("must be between 1 and {MAX_PAGE}")));
+        return Err(invalid(
+            "limit",
+            format!("must be between 1 and {MAX_PAGE}"),
+        ));
     }
     let letters = store::list_dead_letters(&state.pool, limit).await?;
     let items: Vec<Value> = letters
@@ -537,8 +612,13 @@ async fn dead_letters(State(state): State<AppState>, query: Query<DlqQuery>) -> 
     Ok(Json(json!({ "items": items })))
 }
 
-async fn replay_dead_letter(State(state): State<AppState>, Path(id): Path<String>) -> Result<Json<Value>, ApiError> {
-    let parsed = id.rsplit_once(':').and_then(|(queue, msg)| Some((queue.to_owned(), msg.parse::<i64>().ok()?)));
+async fn replay_dead_letter(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+) -> Result<Json<Value>, ApiError> {
+    let parsed = id
+        .rsplit_once(':')
+        .and_then(|(queue, msg)| Some((queue.to_owned(), msg.parse::<i64>().ok()?)));
     let Some((queue, msg_id)) = parsed else {
         return Err(ApiError::Invalid {
             status: StatusCode::BAD_REQUEST,
@@ -547,9 +627,15 @@ async fn replay_dead_letter(State(state): State<AppState>, Path(id): Path<String
         });
     };
     match operator::replay_dead_letter(&state.pool, &queue, msg_id).await? {
-        operator::Replayed::Step { task_id, step } => Ok(Json(json!({ "replayed": id, "task_id": task_id, "step": step }))),
-        operator::Replayed::NotFound => Err(ApiError::NotFound(format!("dead letter {id} not found"))),
-        operator::Replayed::Refused(reason) => Err(ApiError::Conflict(format!("dead letter {id}: {reason}"))),
+        operator::Replayed::Step { task_id, step } => Ok(Json(
+            json!({ "replayed": id, "task_id": task_id, "step": step }),
+        )),
+        operator::Replayed::NotFound => {
+            Err(ApiError::NotFound(format!("dead letter {id} not found")))
+        }
+        operator::Replayed::Refused(reason) => {
+            Err(ApiError::Conflict(format!("dead letter {id}: {reason}")))
+        }
     }
 }
 

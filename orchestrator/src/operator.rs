@@ -12,23 +12,36 @@ use shared::{ExecutionStatus, StepState, TaskId, TaskState};
 use crate::store::{self, ActionOutcome, StoreError};
 
 /// Cancels a task. `None`: no such task.
-pub async fn cancel(pool: &PgPool, id: TaskId, reason: Option<&str>) -> Result<Option<(TaskState, bool)>, StoreError> {
+pub async fn cancel(
+    pool: &PgPool,
+    id: TaskId,
+    reason: Option<&str>,
+) -> Result<Option<(TaskState, bool)>, StoreError> {
     Ok(store::cancel_task(pool, id, reason).await?)
 }
 
 /// Retries or resolves a step, then enqueues what became ready and
 /// re-evaluates the task, in one transaction.
-pub async fn repair(pool: &PgPool, id: TaskId, step: &str, action: Repair) -> Result<ActionOutcome, StoreError> {
+pub async fn repair(
+    pool: &PgPool,
+    id: TaskId,
+    step: &str,
+    action: Repair,
+) -> Result<ActionOutcome, StoreError> {
     let mut tx = pool.begin().await?;
-    let outcome = match &action {
+    let (forced, outcome) = match &action {
         Repair::Retry => store::retry_step(&mut *tx, id, step).await?,
-        Repair::Resolve { output } => store::resolve_step(&mut *tx, id, step, output.as_ref()).await?,
+        Repair::Resolve { output } => (
+            None,
+            store::resolve_step(&mut *tx, id, step, output.as_ref()).await?,
+        ),
     };
     if outcome != ActionOutcome::Applied {
         tx.rollback().await?;
         return Ok(outcome);
     }
-    store::enqueue_ready_steps(&mut *tx, &[id.0]).await?;
+    let forced: Vec<Uuid> = forced.into_iter().collect();
+    store::enqueue_ready_steps_forcing(&mut *tx, &[id.0], &forced).await?;
     store::finalize_tasks(&mut *tx, &[id.0]).await?;
     tx.commit().await?;
     Ok(outcome)
@@ -44,40 +57,63 @@ pub enum Repair {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Replayed {
     /// The step runs again as a new attempt in its place in the DAG.
-    Step { task_id: TaskId, step: String },
+    Step {
+        task_id: TaskId,
+        step: String,
+    },
     NotFound,
     Refused(String),
 }
 
 /// Replays a dead letter: its step gets a fresh attempt (a retry of the step
 /// it failed), and the dead letter is removed, in one transaction.
-pub async fn replay_dead_letter(pool: &PgPool, queue: &str, msg_id: i64) -> Result<Replayed, StoreError> {
+pub async fn replay_dead_letter(
+    pool: &PgPool,
+    queue: &str,
+    msg_id: i64,
+) -> Result<Replayed, StoreError> {
     let mut tx = pool.begin().await?;
     let Some(letter) = store::take_dead_letter(&mut *tx, queue, msg_id).await? else {
         return Ok(Replayed::NotFound);
     };
     let original = &letter.message["message"];
     let ids = (
-        original.get("task_id").and_then(Value::as_str).and_then(|s| s.parse::<Uuid>().ok()),
-        original.get("step_id").and_then(Value::as_str).and_then(|s| s.parse::<Uuid>().ok()),
+        original
+            .get("task_id")
+            .and_then(Value::as_str)
+            .and_then(|s| s.parse::<Uuid>().ok()),
+        original
+            .get("step_id")
+            .and_then(Value::as_str)
+            .and_then(|s| s.parse::<Uuid>().ok()),
     );
     let (Some(task_id), Some(step_id)) = ids else {
-        return Ok(Replayed::Refused("the dead letter names no step to run again".into()));
+        return Ok(Replayed::Refused(
+            "the dead letter names no step to run again".into(),
+        ));
     };
     let Some(step) = store::step_name(&mut *tx, TaskId(task_id), step_id).await? else {
-        return Ok(Replayed::Refused("the dead letter's step no longer exists".into()));
+        return Ok(Replayed::Refused(
+            "the dead letter's step no longer exists".into(),
+        ));
     };
-    match store::retry_step(&mut *tx, TaskId(task_id), &step).await? {
+    match store::retry_step(&mut *tx, TaskId(task_id), &step).await?.1 {
         ActionOutcome::Applied => {}
         ActionOutcome::Refused(reason) => {
-            return Ok(Replayed::Refused(format!("step {step} cannot run again: {}", reason.replace('_', " "))));
+            return Ok(Replayed::Refused(format!(
+                "step {step} cannot run again: {}",
+                reason.replace('_', " ")
+            )));
         }
         ActionOutcome::NotFound(what) => return Ok(Replayed::Refused(what)),
     }
-    store::enqueue_ready_steps(&mut *tx, &[task_id]).await?;
+    store::enqueue_ready_steps_forcing(&mut *tx, &[task_id], &[step_id]).await?;
     store::finalize_tasks(&mut *tx, &[task_id]).await?;
     tx.commit().await?;
-    Ok(Replayed::Step { task_id: TaskId(task_id), step })
+    Ok(Replayed::Step {
+        task_id: TaskId(task_id),
+        step,
+    })
 }
 
 /// Why a task is in its status: structured, and as one paragraph.
@@ -124,18 +160,30 @@ pub async fn explain(pool: &PgPool, id: TaskId) -> Result<Option<Explanation>, S
     };
     let steps = store::get_steps(pool, id).await?;
     let now = Utc::now();
-    let by_name: std::collections::HashMap<&str, &store::StepRow> = steps.iter().map(|s| (s.name.as_str(), s)).collect();
+    let by_name: std::collections::HashMap<&str, &store::StepRow> =
+        steps.iter().map(|s| (s.name.as_str(), s)).collect();
     let failed: Vec<StepNote> = steps
         .iter()
         .filter(|s| {
             matches!(s.state, StepState::Error | StepState::Cancelled)
                 || (s.state == StepState::WaitingRetry && s.attempts >= s.max_attempts)
         })
-        .map(|s| StepNote { step: s.name.clone(), state: s.state, error: s.last_error.clone() })
+        .map(|s| StepNote {
+            step: s.name.clone(),
+            state: s.state,
+            error: s.last_error.clone(),
+        })
         .collect();
-    let ready: Vec<String> = steps.iter().filter(|s| s.ready).map(|s| s.name.clone()).collect();
-    let in_flight: Vec<String> =
-        steps.iter().filter(|s| s.state == StepState::Enqueued).map(|s| s.name.clone()).collect();
+    let ready: Vec<String> = steps
+        .iter()
+        .filter(|s| s.ready)
+        .map(|s| s.name.clone())
+        .collect();
+    let in_flight: Vec<String> = steps
+        .iter()
+        .filter(|s| s.state == StepState::Enqueued)
+        .map(|s| s.name.clone())
+        .collect();
     let waiting: Vec<Waiting> = steps
         .iter()
         .filter(|s| s.state == StepState::Pending && !s.ready)
@@ -144,7 +192,11 @@ pub async fn explain(pool: &PgPool, id: TaskId) -> Result<Option<Explanation>, S
             waiting_on: s
                 .depends_on
                 .iter()
-                .filter(|d| by_name.get(d.as_str()).is_some_and(|dep| !dep.state.satisfies_dependents()))
+                .filter(|d| {
+                    by_name
+                        .get(d.as_str())
+                        .is_some_and(|dep| !dep.state.satisfies_dependents())
+                })
                 .cloned()
                 .collect(),
         })
@@ -176,7 +228,11 @@ pub async fn explain(pool: &PgPool, id: TaskId) -> Result<Option<Explanation>, S
 }
 
 fn list(names: &[String]) -> String {
-    names.iter().map(|n| format!("`{n}`")).collect::<Vec<_>>().join(", ")
+    names
+        .iter()
+        .map(|n| format!("`{n}`"))
+        .collect::<Vec<_>>()
+        .join(", ")
 }
 
 fn error_text(error: &Option<Value>) -> String {
@@ -201,9 +257,14 @@ fn summarize(
     let mut parts = vec![format!("Task {} is {}", task.id, task.state)];
     match task.execution_status {
         Some(ExecutionStatus::BlockedByFailures) => {
-            let failures: Vec<String> =
-                failed.iter().map(|f| format!("`{}` ({}, {})", f.step, f.state, error_text(&f.error))).collect();
-            parts.push(format!("and blocked by failures: {} cannot complete", failures.join("; ")));
+            let failures: Vec<String> = failed
+                .iter()
+                .map(|f| format!("`{}` ({}, {})", f.step, f.state, error_text(&f.error)))
+                .collect();
+            parts.push(format!(
+                "and blocked by failures: {} cannot complete",
+                failures.join("; ")
+            ));
             if task.on_failure == "fail_fast" {
                 if !in_flight.is_empty() {
                     parts.push(format!(
@@ -211,7 +272,10 @@ fn summarize(
                         list(in_flight)
                     ));
                 } else if !ready.is_empty() {
-                    parts.push(format!("{} would be ready but stay blocked (fail_fast)", list(ready)));
+                    parts.push(format!(
+                        "{} would be ready but stay blocked (fail_fast)",
+                        list(ready)
+                    ));
                 }
             } else if !ready.is_empty() || !in_flight.is_empty() {
                 parts.push("independent branches keep running (on_failure: continue)".into());
@@ -220,8 +284,12 @@ fn summarize(
                 parts.push("Retry or resolve the failed steps to let it continue".into());
             }
         }
-        Some(ExecutionStatus::HasReadySteps) => parts.push(format!("and has ready steps: {}", list(ready))),
-        Some(ExecutionStatus::Processing) => parts.push(format!("and processing: {} in flight", list(in_flight))),
+        Some(ExecutionStatus::HasReadySteps) => {
+            parts.push(format!("and has ready steps: {}", list(ready)))
+        }
+        Some(ExecutionStatus::Processing) => {
+            parts.push(format!("and processing: {} in flight", list(in_flight)))
+        }
         Some(ExecutionStatus::AllComplete) => parts.push("and every step is complete".into()),
         Some(ExecutionStatus::WaitingForDependencies) | None => {
             if !retries.is_empty() {

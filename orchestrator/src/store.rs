@@ -313,12 +313,24 @@ pub async fn enqueue_ready_steps(
     executor: impl PgExecutor<'_>,
     task_ids: &[Uuid],
 ) -> Result<Vec<Enqueued>, StoreError> {
-    Ok(
-        sqlx::query_as("select task_id, step_id, msg_id from weft.enqueue_ready_steps($1)")
-            .bind(task_ids)
-            .fetch_all(executor)
-            .await?,
+    enqueue_ready_steps_forcing(executor, task_ids, &[]).await
+}
+
+/// Like [`enqueue_ready_steps`], and also enqueues the `forced` steps when
+/// ready even if their task is blocked by failures: an operator's explicit
+/// retry runs the step while other failures still block the rest.
+pub async fn enqueue_ready_steps_forcing(
+    executor: impl PgExecutor<'_>,
+    task_ids: &[Uuid],
+    forced: &[Uuid],
+) -> Result<Vec<Enqueued>, StoreError> {
+    Ok(sqlx::query_as(
+        "select task_id, step_id, msg_id from weft.enqueue_ready_steps($1, null, $2)",
     )
+    .bind(task_ids)
+    .bind(forced)
+    .fetch_all(executor)
+    .await?)
 }
 
 /// What applying one result did.
@@ -518,21 +530,29 @@ pub async fn cancel_task(
     id: TaskId,
     reason: Option<&str>,
 ) -> Result<Option<(TaskState, bool)>, StoreError> {
-    Ok(sqlx::query_as("select state, applied from weft.cancel_task($1, $2)")
-        .bind(id.0)
-        .bind(reason)
-        .fetch_optional(executor)
-        .await?)
+    Ok(
+        sqlx::query_as("select state, applied from weft.cancel_task($1, $2)")
+            .bind(id.0)
+            .bind(reason)
+            .fetch_optional(executor)
+            .await?,
+    )
 }
 
-/// Gives a failed step a fresh budget of attempts.
-pub async fn retry_step(executor: impl PgExecutor<'_>, id: TaskId, step: &str) -> Result<ActionOutcome, StoreError> {
-    let outcome: String = sqlx::query_scalar("select outcome from weft.retry_step($1, $2)")
-        .bind(id.0)
-        .bind(step)
-        .fetch_one(executor)
-        .await?;
-    Ok(action_outcome(&outcome))
+/// Gives a failed step a fresh budget of attempts; returns the step's id
+/// with the outcome, so the caller can enqueue it.
+pub async fn retry_step(
+    executor: impl PgExecutor<'_>,
+    id: TaskId,
+    step: &str,
+) -> Result<(Option<Uuid>, ActionOutcome), StoreError> {
+    let (step_id, outcome): (Option<Uuid>, String) =
+        sqlx::query_as("select step_id, outcome from weft.retry_step($1, $2)")
+            .bind(id.0)
+            .bind(step)
+            .fetch_one(executor)
+            .await?;
+    Ok((step_id, action_outcome(&outcome)))
 }
 
 /// Marks a step done with an optional output.
@@ -566,7 +586,10 @@ pub struct TaskFilter {
 }
 
 /// Lists tasks newest first, with a stable (created_at, id) order for cursors.
-pub async fn list_tasks(executor: impl PgExecutor<'_>, filter: &TaskFilter) -> Result<Vec<TaskRow>, StoreError> {
+pub async fn list_tasks(
+    executor: impl PgExecutor<'_>,
+    filter: &TaskFilter,
+) -> Result<Vec<TaskRow>, StoreError> {
     Ok(sqlx::query_as(
         "select t.id, t.namespace, tp.name as template_name, tp.version as template_version,
                 t.state, null::text as execution_status, t.on_failure, t.input, t.priority,
@@ -644,7 +667,10 @@ pub struct HistoryEntry {
 }
 
 /// A task's whole history, oldest first.
-pub async fn task_history(executor: impl PgExecutor<'_>, id: TaskId) -> Result<Vec<HistoryEntry>, StoreError> {
+pub async fn task_history(
+    executor: impl PgExecutor<'_>,
+    id: TaskId,
+) -> Result<Vec<HistoryEntry>, StoreError> {
     Ok(sqlx::query_as(
         "select at, step, attempt, from_state, to_state, kind, reason, detail from (
              select t.at, null::text as step, null::int as attempt, t.from_state, t.to_state,
@@ -673,11 +699,16 @@ pub struct DeadLetter {
 }
 
 /// Every dead letter of every namespace (and of the result queue), oldest first.
-pub async fn list_dead_letters(executor: impl PgExecutor<'_>, limit: i64) -> Result<Vec<DeadLetter>, StoreError> {
-    Ok(sqlx::query_as("select queue, msg_id, enqueued_at, message from weft.dead_letters($1)")
-        .bind(limit)
-        .fetch_all(executor)
-        .await?)
+pub async fn list_dead_letters(
+    executor: impl PgExecutor<'_>,
+    limit: i64,
+) -> Result<Vec<DeadLetter>, StoreError> {
+    Ok(
+        sqlx::query_as("select queue, msg_id, enqueued_at, message from weft.dead_letters($1)")
+            .bind(limit)
+            .fetch_all(executor)
+            .await?,
+    )
 }
 
 /// Reads one dead letter, locking it.
@@ -686,11 +717,13 @@ pub async fn take_dead_letter(
     queue: &str,
     msg_id: i64,
 ) -> Result<Option<DeadLetter>, StoreError> {
-    Ok(sqlx::query_as("select queue, msg_id, enqueued_at, message from weft.take_dead_letter($1, $2)")
-        .bind(queue)
-        .bind(msg_id)
-        .fetch_optional(executor)
-        .await?)
+    Ok(sqlx::query_as(
+        "select queue, msg_id, enqueued_at, message from weft.take_dead_letter($1, $2)",
+    )
+    .bind(queue)
+    .bind(msg_id)
+    .fetch_optional(executor)
+    .await?)
 }
 
 /// One invariant and its violations.
@@ -714,10 +747,16 @@ pub async fn check_invariants(
 }
 
 /// A step's name, if it belongs to the task.
-pub async fn step_name(executor: impl PgExecutor<'_>, task: TaskId, step: Uuid) -> Result<Option<String>, StoreError> {
-    Ok(sqlx::query_scalar("select name from weft.steps where task_id = $1 and id = $2")
-        .bind(task.0)
-        .bind(step)
-        .fetch_optional(executor)
-        .await?)
+pub async fn step_name(
+    executor: impl PgExecutor<'_>,
+    task: TaskId,
+    step: Uuid,
+) -> Result<Option<String>, StoreError> {
+    Ok(
+        sqlx::query_scalar("select name from weft.steps where task_id = $1 and id = $2")
+            .bind(task.0)
+            .bind(step)
+            .fetch_optional(executor)
+            .await?,
+    )
 }

@@ -6,6 +6,8 @@
 mod fleet;
 mod support;
 
+mod chaos;
 mod engine;
 mod migrations;
+mod reliability;
 mod status_model;

@@ -168,3 +168,78 @@ mod url_lite {
         }
     }
 }
+
+/// A private PostgreSQL cluster of its own, for tests that stop or restart
+/// the server (which would disturb every other test on the shared one).
+/// Stopped and deleted when dropped.
+pub struct Cluster {
+    port: u16,
+    dir: String,
+    pub url: String,
+}
+
+impl Cluster {
+    fn pg(&self, args: &[&str]) -> String {
+        let output = std::process::Command::new(concat!(env!("CARGO_MANIFEST_DIR"), "/scripts/pg"))
+            .args(args)
+            .env("WEFT_PG_PORT", self.port.to_string())
+            .env("WEFT_PG_DIR", &self.dir)
+            .env("WEFT_PG_FAST", "1")
+            .output()
+            .expect("run scripts/pg");
+        assert!(
+            output.status.success(),
+            "scripts/pg {args:?} failed: {}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+        String::from_utf8_lossy(&output.stdout).into_owned()
+    }
+
+    /// Starts a new cluster and migrates its `weft` database.
+    pub async fn start() -> Cluster {
+        let port = crate::fleet::free_port();
+        let mut cluster = Cluster {
+            port,
+            dir: format!("/tmp/weft-pg-it-{port}"),
+            url: String::new(),
+        };
+        let out = cluster.pg(&["start"]);
+        cluster.url = out
+            .lines()
+            .rev()
+            .find_map(|l| l.strip_prefix("DATABASE_URL="))
+            .expect("url")
+            .to_owned();
+        let pool = pool(&cluster.url, 3).await;
+        shared::migrate::run(&pool)
+            .await
+            .expect("migrate the private cluster");
+        pool.close().await;
+        cluster
+    }
+
+    /// `scripts/pg stop` (fast shutdown).
+    pub fn stop(&self) {
+        self.pg(&["stop"]);
+    }
+
+    /// Starts it again after [`Cluster::stop`].
+    pub fn start_again(&self) {
+        self.pg(&["start"]);
+    }
+
+    /// `scripts/pg restart fast|immediate`.
+    pub fn restart(&self, mode: &str) {
+        self.pg(&["restart", mode]);
+    }
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new(concat!(env!("CARGO_MANIFEST_DIR"), "/scripts/pg"))
+            .args(["stop", "--purge"])
+            .env("WEFT_PG_PORT", self.port.to_string())
+            .env("WEFT_PG_DIR", &self.dir)
+            .output();
+    }
+}

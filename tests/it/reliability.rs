@@ -1,0 +1,581 @@
+//! Faults with real processes and real signals: worker and orchestrator
+//! deaths, fencing, poison messages and dead letters, cancellation,
+//! timeouts, operator repair and `weft check`.
+
+use std::time::{Duration, Instant};
+
+use serde_json::json;
+use shared::queue::{self, QueueName};
+use shared::{Namespace, StepState, TaskState};
+
+use crate::fleet::{self, Fleet, Proc};
+use crate::support;
+
+const LONG: Duration = Duration::from_secs(60);
+
+async fn count(pool: &sqlx::PgPool, sql: &str) -> i64 {
+    sqlx::query_scalar(sql).fetch_one(pool).await.unwrap()
+}
+
+/// A worker killed mid-handler loses its lease; another worker gets the step
+/// within the lease time and completes it; the books show one result.
+#[tokio::test]
+async fn worker_killed_mid_handler_is_redelivered() {
+    let url = support::fresh_database().await;
+    let pool = support::pool(&url, 10).await;
+    fleet::register(
+        &pool,
+        "namespace: crash\nname: slow\nversion: 1\nsteps:\n  - { name: a, handler: builtin.sleep, config: { ms: 1500 } }\n",
+    )
+    .await;
+    let _orchestrator = Proc::orchestrator(&url);
+    let victim = Proc::worker(&url, "crash", &["--lease", "2s"]);
+    let ids: Vec<_> = futures_util::future::join_all(
+        (0..5).map(|_| fleet::create(&pool, "crash", "slow", json!({}))),
+    )
+    .await;
+    let busy = support::wait_until(LONG, || async {
+        count(
+            &pool,
+            "select in_flight from weft.queue_stats() where queue_name = 'weft_steps_crash'",
+        )
+        .await
+            == 5
+    })
+    .await;
+    assert!(busy, "the victim never held the steps");
+    victim.signal("KILL");
+    let killed_at = Instant::now();
+    let _survivor = Proc::worker(&url, "crash", &["--lease", "2s"]);
+    for id in ids {
+        assert_eq!(
+            fleet::wait_final(&pool, id, LONG).await,
+            TaskState::Complete
+        );
+    }
+    let redelivered_within = killed_at.elapsed();
+    println!(
+        "redelivered and completed {:.2}s after the kill",
+        redelivered_within.as_secs_f64()
+    );
+    assert!(redelivered_within < Duration::from_secs(15));
+    assert_eq!(
+        count(&pool, "select count(*) from weft.steps where attempts <> 1").await,
+        0,
+        "one attempt each"
+    );
+    fleet::check_books(&pool).await;
+}
+
+/// An orchestrator killed while results flow leaves its leased results to
+/// reappear; another orchestrator applies them; no task is stuck.
+#[tokio::test]
+async fn orchestrator_killed_mid_batch_loses_nothing() {
+    let url = support::fresh_database().await;
+    let pool = support::pool(&url, 10).await;
+    fleet::register(
+        &pool,
+        "namespace: crash\nname: two\nversion: 1\nsteps:\n  - { name: a, handler: builtin.noop }\n  - { name: b, handler: builtin.noop, depends_on: [a] }\n",
+    )
+    .await;
+    let victim = Proc::spawn(
+        &[
+            "orchestrator",
+            "--http-addr",
+            &format!("127.0.0.1:{}", fleet::free_port()),
+            "--result-lease",
+            "2s",
+        ],
+        &url,
+    );
+    let _worker = Proc::worker(&url, "crash", &[]);
+    let requests: Vec<_> = (0..300)
+        .map(|i| orchestrator::tasks::CreateTask {
+            namespace: "crash".into(),
+            name: "two".into(),
+            version: None,
+            input: json!({ "i": i }),
+            priority: 0,
+            idempotency_key_hash: None,
+            request_hash: None,
+        })
+        .collect();
+    orchestrator::tasks::create_tasks(&pool, &requests)
+        .await
+        .unwrap();
+    // Kill it once it has applied some results but not all.
+    let midway = support::wait_until(LONG, || async {
+        count(
+            &pool,
+            "select count(*) from weft.tasks where state = 'complete'",
+        )
+        .await
+            >= 20
+    })
+    .await;
+    assert!(midway);
+    victim.signal("KILL");
+    let _successor = Proc::spawn(
+        &[
+            "orchestrator",
+            "--http-addr",
+            &format!("127.0.0.1:{}", fleet::free_port()),
+            "--result-lease",
+            "2s",
+        ],
+        &url,
+    );
+    fleet::wait_all_final(&pool, LONG).await;
+    assert_eq!(
+        count(
+            &pool,
+            "select count(*) from weft.tasks where state = 'complete'"
+        )
+        .await,
+        300
+    );
+    fleet::check_books(&pool).await;
+    let report = orchestrator::store::check_invariants(&pool, Duration::ZERO)
+        .await
+        .unwrap();
+    assert!(report.iter().all(|c| c.violations == 0), "{report:?}");
+}
+
+/// A duplicate result and a result of an old attempt are acknowledged and
+/// dropped, never applied, counted, and visible in the task's history.
+#[tokio::test]
+async fn late_and_duplicate_results_are_fenced_off() {
+    let pool = support::fresh_pool().await;
+    fleet::register(
+        &pool,
+        "namespace: fence\nname: one\nversion: 1\ndefaults:\n  retry: { max_attempts: 3, backoff: { initial: 1ms, max: 1ms } }\nsteps:\n  - { name: a, handler: builtin.fail, config: { mode: retryable, times: 1 } }\n",
+    )
+    .await;
+    let fleet = Fleet::start(&pool, 1, &["fence"]);
+    let id = fleet::create(&pool, "fence", "one", json!({})).await;
+    assert_eq!(
+        fleet::wait_final(&pool, id, LONG).await,
+        TaskState::Complete
+    );
+    fleet.stop().await;
+    let step = fleet::step(&fleet::steps(&pool, id).await, "a").id;
+    // The first attempt failed, the second succeeded. Now a late success of
+    // attempt 1 and a duplicate of attempt 2 arrive.
+    let late = json!({ "v": 1, "task_id": id, "step_id": step, "attempt": 1, "status": "success", "output": {"late": true} });
+    let duplicate = json!({ "v": 1, "task_id": id, "step_id": step, "attempt": 2, "status": "permanent",
+                            "error": { "message": "duplicate", "reason": "handler_error" } });
+    queue::send_batch(&pool, &QueueName::results(), &[late, duplicate])
+        .await
+        .unwrap();
+    let metrics = orchestrator::Metrics::default();
+    let collector = orchestrator::Collector::new(
+        pool.clone(),
+        fleet::orchestrator_config().collector,
+        metrics.clone(),
+    );
+    let collected = collector.run_once().await.unwrap();
+    assert_eq!(
+        (collected.read, collected.applied, collected.stale),
+        (2, 0, 2)
+    );
+    assert_eq!(metrics.stale_results(), 2);
+    assert!(
+        metrics
+            .render()
+            .contains("weft_stale_results_dropped_total 2")
+    );
+    let after = fleet::step(&fleet::steps(&pool, id).await, "a").clone();
+    assert_eq!(after.state, StepState::Complete);
+    assert_eq!(
+        after.output.unwrap()["config"]["times"],
+        json!(1),
+        "the late output was not applied"
+    );
+    let history = orchestrator::store::task_history(&pool, id).await.unwrap();
+    let stale: Vec<_> = history
+        .iter()
+        .filter(|h| h.kind == "stale_result")
+        .collect();
+    assert_eq!(stale.len(), 2, "{history:#?}");
+    assert_eq!(
+        count(&pool, "select count(*) from pgmq.q_weft_results").await,
+        0,
+        "both were acknowledged"
+    );
+}
+
+/// A malformed step message, one of an unknown version, and one whose
+/// handler crashes the worker process every time all end in the dead-letter
+/// queue with their reason; identifiable steps fail with that reason; the
+/// worker keeps serving the rest; a dead letter can be replayed.
+#[tokio::test]
+async fn poison_messages_are_dead_lettered_and_replayable() {
+    let url = support::fresh_database().await;
+    let pool = support::pool(&url, 10).await;
+    let marker = std::env::temp_dir().join(format!("weft-crash-{}", uuid::Uuid::new_v4().simple()));
+    std::fs::write(&marker, "crash").unwrap();
+    let crash = format!(
+        "namespace: poison\nname: crash\nversion: 1\nsteps:\n  - name: a\n    handler: builtin.exec\n    config: {{ command: [sh, -c, 'if [ -e {} ]; then kill -9 $PPID; sleep 5; fi; echo {{}}'] }}\n  - {{ name: b, handler: builtin.noop, depends_on: [a] }}\n",
+        marker.display()
+    );
+    fleet::register(&pool, &crash).await;
+    fleet::register(&pool, "namespace: poison\nname: fine\nversion: 1\nsteps:\n  - { name: a, handler: builtin.noop }\n").await;
+    let _orchestrator = Proc::orchestrator(&url);
+    let queue = QueueName::steps(&Namespace::parse("poison").unwrap());
+    let crashing = fleet::create(&pool, "poison", "crash", json!({})).await;
+    let worker_args = ["--lease", "1s", "--max-deliveries", "2", "--allow-exec"];
+    // Each worker dies on the crashing step; start another until the step is dead-lettered.
+    let mut deaths = 0;
+    let deadline = Instant::now() + LONG;
+    loop {
+        let mut worker = Proc::worker(&url, "poison", &worker_args);
+        let exited = tokio::time::timeout(Duration::from_secs(5), worker.child.wait()).await;
+        if exited.is_ok() {
+            deaths += 1;
+        }
+        let state = fleet::task_state(&pool, crashing).await;
+        if state == TaskState::Error {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the crashing step was never dead-lettered"
+        );
+    }
+    assert!(deaths >= 2, "the handler crashed the worker {deaths} times");
+    let a = fleet::step(&fleet::steps(&pool, crashing).await, "a").clone();
+    assert_eq!(a.state, StepState::Error);
+    assert_eq!(
+        a.last_error.as_ref().unwrap()["reason"],
+        json!("delivery_attempts_exhausted")
+    );
+    // A healthy worker keeps serving the rest.
+    let _worker = Proc::worker(&url, "poison", &worker_args);
+    // Garbage and an unknown protocol version, straight onto the queue.
+    queue::send_batch(
+        &pool,
+        &queue,
+        &[json!({"hello": "world"}), json!({"v": 99, "task_id": "x"})],
+    )
+    .await
+    .unwrap();
+    let fine = fleet::create(&pool, "poison", "fine", json!({})).await;
+    assert_eq!(
+        fleet::wait_final(&pool, fine, LONG).await,
+        TaskState::Complete
+    );
+    let letters = orchestrator::store::list_dead_letters(&pool, 100)
+        .await
+        .unwrap();
+    let reasons: Vec<&str> = letters
+        .iter()
+        .filter_map(|l| l.message["reason"].as_str())
+        .collect();
+    assert_eq!(
+        reasons
+            .iter()
+            .filter(|r| **r == "malformed_message")
+            .count(),
+        2,
+        "{reasons:?}"
+    );
+    assert_eq!(
+        reasons
+            .iter()
+            .filter(|r| **r == "delivery_attempts_exhausted")
+            .count(),
+        1,
+        "{reasons:?}"
+    );
+    // Replay: the step runs again as a new attempt in its place in the DAG.
+    std::fs::remove_file(&marker).unwrap();
+    let letter = letters
+        .iter()
+        .find(|l| l.message["reason"] == "delivery_attempts_exhausted")
+        .unwrap();
+    let replayed = orchestrator::operator::replay_dead_letter(&pool, &letter.queue, letter.msg_id)
+        .await
+        .unwrap();
+    assert!(
+        matches!(replayed, orchestrator::operator::Replayed::Step { .. }),
+        "{replayed:?}"
+    );
+    assert_eq!(
+        fleet::wait_final(&pool, crashing, LONG).await,
+        TaskState::Complete
+    );
+    let steps = fleet::steps(&pool, crashing).await;
+    assert_eq!(
+        fleet::step(&steps, "b").state,
+        StepState::Complete,
+        "dependents ran after the replay"
+    );
+    // A malformed dead letter cannot be replayed, and says why.
+    let garbage = letters
+        .iter()
+        .find(|l| l.message["reason"] == "malformed_message")
+        .unwrap();
+    let refused = orchestrator::operator::replay_dead_letter(&pool, &garbage.queue, garbage.msg_id)
+        .await
+        .unwrap();
+    assert!(
+        matches!(refused, orchestrator::operator::Replayed::Refused(_)),
+        "{refused:?}"
+    );
+}
+
+/// Result messages that cannot be decoded are moved to the result
+/// dead-letter queue, never dropped, and the rest of the batch is applied.
+#[tokio::test]
+async fn malformed_results_are_dead_lettered() {
+    let pool = support::fresh_pool().await;
+    queue::send_batch(
+        &pool,
+        &QueueName::results(),
+        &[json!("garbage"), json!({"v": 1, "task_id": "nope"})],
+    )
+    .await
+    .unwrap();
+    let collector = orchestrator::Collector::new(
+        pool.clone(),
+        fleet::orchestrator_config().collector,
+        Default::default(),
+    );
+    let collected = collector.run_once().await.unwrap();
+    assert_eq!((collected.read, collected.malformed), (2, 2));
+    assert_eq!(
+        count(&pool, "select count(*) from pgmq.q_weft_results_dlq").await,
+        2
+    );
+    assert_eq!(
+        count(&pool, "select count(*) from pgmq.q_weft_results").await,
+        0
+    );
+}
+
+/// Cancelling a task cancels its pending and waiting steps, withdraws queued
+/// messages, stops the running handler through its token, and drops its late
+/// result. A cancelled task never runs another step.
+#[tokio::test]
+async fn cancellation_withdraws_and_stops_everything() {
+    let pool = support::fresh_pool().await;
+    fleet::register(
+        &pool,
+        "namespace: cancel\nname: long\nversion: 1\nsteps:\n  - { name: a, handler: builtin.sleep, config: { ms: 30000 } }\n  - { name: b, handler: builtin.noop, depends_on: [a] }\n  - { name: c, handler: builtin.sleep, config: { ms: 30000 } }\n",
+    )
+    .await;
+    // The worker serves one slot, so `c` stays queued while `a` runs.
+    let mut config = fleet::worker_config("cancel");
+    config.concurrency = 1;
+    let worker = worker::Worker::builder(config).build();
+    let state = worker.state();
+    let shutdown = tokio_util::sync::CancellationToken::new();
+    let worker_task = tokio::spawn(worker.run(pool.clone(), shutdown.clone()));
+    let orchestrator_task = tokio::spawn(orchestrator::run(
+        fleet::orchestrator_config(),
+        pool.clone(),
+        shutdown.clone(),
+    ));
+    let id = fleet::create(&pool, "cancel", "long", json!({})).await;
+    let running = support::wait_until(LONG, || async { state.slots_busy() == 1 }).await;
+    assert!(running);
+    let started = Instant::now();
+    let (task_state, applied) = orchestrator::operator::cancel(&pool, id, Some("test"))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!((task_state, applied), (TaskState::Cancelled, true));
+    // The running handler learns it at its next lease extension (1 s here).
+    let stopped = support::wait_until(Duration::from_secs(10), || async {
+        state.slots_busy() == 0
+    })
+    .await;
+    assert!(stopped, "the running handler was not cancelled");
+    println!(
+        "handler stopped {:.2}s after the cancel",
+        started.elapsed().as_secs_f64()
+    );
+    let steps = fleet::steps(&pool, id).await;
+    assert!(
+        steps.iter().all(|s| s.state == StepState::Cancelled),
+        "{steps:#?}"
+    );
+    assert_eq!(
+        count(&pool, "select count(*) from pgmq.q_weft_steps_cancel").await,
+        0,
+        "messages withdrawn"
+    );
+    // Cancelling again is refused, and nothing ever ran `b`.
+    let (_, again) = orchestrator::operator::cancel(&pool, id, None)
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(!again);
+    assert_eq!(fleet::task_state(&pool, id).await, TaskState::Cancelled);
+    assert_eq!(
+        count(&pool, "select count(*) from weft.step_transitions t join weft.steps s on s.id = t.step_id where s.name = 'b' and t.to_state = 'enqueued'").await,
+        0
+    );
+    shutdown.cancel();
+    worker_task.await.unwrap().unwrap();
+    orchestrator_task.await.unwrap().unwrap();
+}
+
+/// A handler over its step timeout is cancelled and the attempt fails
+/// retryably with reason `timeout`.
+#[tokio::test]
+async fn timeouts_fail_the_attempt_retryably() {
+    let pool = support::fresh_pool().await;
+    fleet::register(
+        &pool,
+        "namespace: slow\nname: t\nversion: 1\ndefaults:\n  timeout: 200ms\n  retry: { max_attempts: 2, backoff: { initial: 10ms, max: 10ms } }\nsteps:\n  - { name: a, handler: builtin.sleep, config: { ms: 10000 } }\n",
+    )
+    .await;
+    let fleet = Fleet::start(&pool, 1, &["slow"]);
+    let started = Instant::now();
+    let id = fleet::create(&pool, "slow", "t", json!({})).await;
+    assert_eq!(fleet::wait_final(&pool, id, LONG).await, TaskState::Error);
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "the handler was not stopped at its timeout"
+    );
+    let a = fleet::step(&fleet::steps(&pool, id).await, "a").clone();
+    assert_eq!(a.attempts, 2, "the timeout was retryable");
+    assert_eq!(a.last_error.unwrap()["reason"], json!("timeout"));
+    fleet.stop().await;
+}
+
+/// Retrying a failed step gives it fresh attempts; resolving one lets its
+/// dependents run with the given output. Either moves a task in `error`
+/// back to running, and it completes.
+#[tokio::test]
+async fn operator_retry_and_resolve_repair_a_task() {
+    let pool = support::fresh_pool().await;
+    fleet::register(
+        &pool,
+        "namespace: repair\nname: t\nversion: 1\ndefaults:\n  retry: { max_attempts: 1 }\nsteps:\n  - { name: a, handler: builtin.fail, config: { mode: permanent, times: 1 } }\n  - { name: b, handler: builtin.fail, config: { mode: permanent, times: 99 } }\n  - { name: c, handler: builtin.noop, depends_on: [a, b] }\n",
+    )
+    .await;
+    let fleet = Fleet::start(&pool, 1, &["repair"]);
+    let id = fleet::create(&pool, "repair", "t", json!({})).await;
+    assert_eq!(fleet::wait_final(&pool, id, LONG).await, TaskState::Error);
+    use orchestrator::operator::{Repair, repair};
+    use orchestrator::store::ActionOutcome;
+    assert_eq!(
+        repair(&pool, id, "c", Repair::Retry).await.unwrap(),
+        ActionOutcome::Refused("not_failed".into())
+    );
+    assert!(matches!(
+        repair(&pool, id, "nope", Repair::Retry).await.unwrap(),
+        ActionOutcome::NotFound(_)
+    ));
+    assert_eq!(
+        repair(&pool, id, "a", Repair::Retry).await.unwrap(),
+        ActionOutcome::Applied
+    );
+    let reopened = support::wait_until(LONG, || async {
+        fleet::step(&fleet::steps(&pool, id).await, "a").state == StepState::Complete
+    })
+    .await;
+    assert!(reopened, "the retried step ran again");
+    assert_eq!(
+        fleet::wait_final(&pool, id, LONG).await,
+        TaskState::Error,
+        "b still blocks"
+    );
+    let output = json!({ "resolved_by": "operator" });
+    assert_eq!(
+        repair(
+            &pool,
+            id,
+            "b",
+            Repair::Resolve {
+                output: Some(output.clone())
+            }
+        )
+        .await
+        .unwrap(),
+        ActionOutcome::Applied
+    );
+    assert_eq!(
+        fleet::wait_final(&pool, id, LONG).await,
+        TaskState::Complete
+    );
+    let steps = fleet::steps(&pool, id).await;
+    assert_eq!(
+        fleet::step(&steps, "a").attempts,
+        1,
+        "a fresh budget: one attempt of the new budget"
+    );
+    assert_eq!(
+        fleet::step(&steps, "c").output.clone().unwrap()["dependencies"]["b"],
+        output
+    );
+    let transitions: Vec<(Option<String>, String)> = sqlx::query_as(
+        "select from_state, to_state from weft.task_transitions where task_id = $1 order by id",
+    )
+    .bind(id.0)
+    .fetch_all(&pool)
+    .await
+    .unwrap();
+    let to: Vec<&str> = transitions.iter().map(|t| t.1.as_str()).collect();
+    assert_eq!(
+        to,
+        [
+            "pending", "running", "error", "running", "error", "running", "complete"
+        ]
+    );
+    fleet.stop().await;
+    fleet::check_books(&pool).await;
+}
+
+/// `weft check` passes on a healthy database and fails, with a report,
+/// on a stuck task.
+#[tokio::test]
+async fn weft_check_reports_violations() {
+    let url = support::fresh_database().await;
+    let pool = support::pool(&url, 5).await;
+    fleet::register(
+        &pool,
+        "namespace: chk\nname: t\nversion: 1\nsteps:\n  - { name: a, handler: builtin.noop }\n",
+    )
+    .await;
+    let fleet = Fleet::start(&pool, 1, &["chk"]);
+    let id = fleet::create(&pool, "chk", "t", json!({})).await;
+    fleet::wait_final(&pool, id, LONG).await;
+    fleet.stop().await;
+    let run = |url: String| async move {
+        tokio::process::Command::new(env!("CARGO_BIN_EXE_weft"))
+            .args(["check", "--grace", "0s"])
+            .env("DATABASE_URL", url)
+            .output()
+            .await
+            .unwrap()
+    };
+    let ok = run(url.clone()).await;
+    assert!(
+        ok.status.success(),
+        "{}",
+        String::from_utf8_lossy(&ok.stdout)
+    );
+    // A task whose only step is pending but was never enqueued: stuck.
+    let stuck = fleet::create(&pool, "chk", "t", json!({})).await;
+    let mut tx = pool.begin().await.unwrap();
+    sqlx::query("delete from pgmq.q_weft_steps_chk")
+        .execute(&mut *tx)
+        .await
+        .unwrap();
+    sqlx::query("update weft.tasks set updated_at = now() - interval '1 hour' where id = $1")
+        .bind(stuck.0)
+        .execute(&mut *tx)
+        .await
+        .unwrap();
+    tx.commit().await.unwrap();
+    let bad = run(url).await;
+    let report = String::from_utf8_lossy(&bad.stdout);
+    assert!(!bad.status.success(), "{report}");
+    assert!(
+        report.contains("FAIL every enqueued step has its message"),
+        "{report}"
+    );
+}
