@@ -264,6 +264,15 @@ async fn poison_messages_are_dead_lettered_and_replayable() {
         fleet::wait_final(&pool, fine, LONG).await,
         TaskState::Complete
     );
+    let all_dead = support::wait_until(LONG, || async {
+        orchestrator::store::list_dead_letters(&pool, 100)
+            .await
+            .unwrap()
+            .len()
+            == 3
+    })
+    .await;
+    assert!(all_dead, "three dead letters expected");
     let letters = orchestrator::store::list_dead_letters(&pool, 100)
         .await
         .unwrap();
