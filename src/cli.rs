@@ -95,11 +95,20 @@ async fn run(command: Command) -> anyhow::Result<ExitCode> {
                 ExitCode::SUCCESS
             })
         }
+        Command::Prune(args) => {
+            let pool = connect(&args.db).await?;
+            let stop = CancellationToken::new();
+            let pruned =
+                orchestrator::pruner::prune(&pool, args.older_than, args.batch_size.max(1), &stop).await?;
+            println!("pruned {} tasks and {} archived queue messages", pruned.tasks, pruned.archived_messages);
+            Ok(ExitCode::SUCCESS)
+        }
         Command::Dev(args) => crate::dev::run(args).await,
         Command::Template(args) => Ok(crate::client::template(args).await),
         Command::Task(args) => Ok(crate::client::task(args).await),
         Command::Queue(args) => Ok(crate::client::queue(args).await),
         Command::Dlq(args) => Ok(crate::client::dlq(args).await),
+        Command::Bench(args) => crate::bench::run(args).await,
     }
 }
 
@@ -169,6 +178,11 @@ pub fn orchestrator_config(args: &OrchestratorArgs) -> orchestrator::Orchestrato
         scheduler: orchestrator::SchedulerConfig {
             poll_interval: args.poll_interval,
             ..orchestrator::SchedulerConfig::default()
+        },
+        metrics_interval: args.metrics_interval,
+        pruner: orchestrator::pruner::PrunerConfig {
+            retention: args.retention,
+            ..orchestrator::pruner::PrunerConfig::default()
         },
     }
 }

@@ -42,6 +42,11 @@ pub enum Command {
     ///
     /// Example: weft check --grace 30s
     Check(CheckArgs),
+    /// Delete finished tasks, their steps and history, and queue archive rows
+    /// older than a duration, in bounded batches. Running tasks are never touched.
+    ///
+    /// Example: weft prune --older-than 720h
+    Prune(PruneArgs),
     /// Everything on one machine: a private PostgreSQL, an orchestrator and
     /// workers, the example templates and a run of each.
     ///
@@ -63,6 +68,11 @@ pub enum Command {
     ///
     /// Example: weft dlq list
     Dlq(DlqArgs),
+    /// Run the benchmark workloads (W0 to W7) against real orchestrator and
+    /// worker processes; prints one JSON line per workload and a table.
+    ///
+    /// Example: weft bench --runs 3 > bench.out
+    Bench(BenchArgs),
 }
 
 #[derive(Debug, Clone, Args)]
@@ -102,6 +112,12 @@ pub struct OrchestratorArgs {
     /// Run migrations at startup.
     #[arg(long, env = "WEFT_MIGRATE", default_value_t = true, action = clap::ArgAction::Set)]
     pub migrate: bool,
+    /// How often queue gauges (depth, in flight, oldest age) are refreshed for /metrics.
+    #[arg(long, env = "WEFT_METRICS_INTERVAL", default_value = "15s", value_parser = duration)]
+    pub metrics_interval: Duration,
+    /// Delete finished tasks (and queue archives) older than this, hourly; unset keeps everything.
+    #[arg(long, env = "WEFT_RETENTION", value_parser = duration)]
+    pub retention: Option<Duration>,
 }
 
 #[derive(Debug, Clone, Args)]
@@ -232,7 +248,8 @@ pub enum TemplateCommand {
     ///
     /// Example: weft template show demo/diamond@1
     Show {
-        /// NAMESPACE/NAME@VERSION
+        /// The template version.
+        #[arg(value_name = "NAMESPACE/NAME@VERSION")]
         template: String,
     },
 }
@@ -255,7 +272,8 @@ pub enum TaskCommand {
     ///
     /// Example: weft task create demo/diamond --input '{"order":7}' --wait
     Create {
-        /// NAMESPACE/NAME[@VERSION]
+        /// The template: its latest version, or the one named after `@`.
+        #[arg(value_name = "NAMESPACE/NAME[@VERSION]")]
         template: String,
         /// The task's input: JSON, @FILE to read it from a file, or @- for stdin.
         #[arg(long, default_value = "{}")]
@@ -387,4 +405,78 @@ pub enum DlqCommand {
         /// Dead letter id, as `weft dlq list` prints it.
         id: String,
     },
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct PruneArgs {
+    #[command(flatten)]
+    pub db: DbArgs,
+    /// Finished more than this long ago.
+    #[arg(long, value_parser = duration)]
+    pub older_than: Duration,
+    /// Rows deleted per transaction.
+    #[arg(long, env = "WEFT_PRUNE_BATCH", default_value_t = 500)]
+    pub batch_size: i32,
+}
+
+/// `weft bench`: the benchmark workloads of `docs/benchmarks.md` (W0 to W7).
+#[derive(Debug, Clone, Args)]
+pub struct BenchArgs {
+    /// Use this PostgreSQL server instead of starting the private benchmark
+    /// cluster: each workload gets its own database on it, named after the
+    /// database of this URL (`<name>_w1_stream_1w`, ...).
+    #[arg(long, env = "DATABASE_URL")]
+    pub database_url: Option<String>,
+    /// Port of the private benchmark cluster (started with default durability).
+    #[arg(long, env = "WEFT_BENCH_PG_PORT", default_value_t = 55450)]
+    pub pg_port: u16,
+    /// Workloads to run, comma-separated.
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "W0,W1,W2,W3,W4,W5,W6,W7"
+    )]
+    pub workloads: Vec<String>,
+    /// Runs of every workload; figures are medians across runs, percentiles
+    /// come from the samples of all runs.
+    #[arg(long, default_value_t = 1)]
+    pub runs: usize,
+    /// Tiny sizes: every workload in about a minute, for a quick check.
+    #[arg(long)]
+    pub smoke: bool,
+    /// Multiplies every workload's size (tasks, steps, width).
+    #[arg(long, default_value_t = 1.0)]
+    pub scale: f64,
+    /// W5's submission rates in tasks/s, tried in order until one falls
+    /// behind [default: 200,300,400,500,600,800,1000,1250,1500,2000, then
+    /// 150,100,50 downwards when 200 already falls behind].
+    #[arg(long, value_delimiter = ',')]
+    pub w5_rates: Option<Vec<u32>>,
+    /// W7's idle period in seconds [default: 60; 5 with --smoke].
+    #[arg(long)]
+    pub w7_secs: Option<u64>,
+    /// Handlers each worker process runs at once.
+    #[arg(long, default_value_t = 64)]
+    pub concurrency: usize,
+    /// Extra flag for every orchestrator process (repeatable), e.g.
+    /// `--orchestrator-arg=--result-batch=200`.
+    #[arg(long = "orchestrator-arg", allow_hyphen_values = true)]
+    pub orchestrator_args: Vec<String>,
+    /// Extra flag for every worker process (repeatable).
+    #[arg(long = "worker-arg", allow_hyphen_values = true)]
+    pub worker_args: Vec<String>,
+    /// The `weft` binary whose orchestrator and worker processes are measured
+    /// [default: this executable].
+    #[arg(long)]
+    pub weft_bin: Option<std::path::PathBuf>,
+    /// `RUST_LOG` of the orchestrator and worker processes.
+    #[arg(long, default_value = "warn")]
+    pub child_log: String,
+    /// Keep the per-workload databases afterwards (for EXPLAIN and inspection).
+    #[arg(long)]
+    pub keep_databases: bool,
+    /// Run even when the cluster does not commit durably (fsync or
+    /// synchronous_commit off); figures are then not comparable.
+    #[arg(long)]
+    pub allow_nondurable: bool,
 }

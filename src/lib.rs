@@ -4,6 +4,7 @@
 //! Architecture invariant: this crate wires configuration to the library
 //! crates and prints; it holds no orchestration or worker logic of its own.
 
+pub mod bench;
 pub mod cli;
 pub mod client;
 pub mod config;

@@ -12,7 +12,9 @@
 pub mod api;
 pub mod collector;
 pub mod metrics;
+pub mod monitor;
 pub mod operator;
+pub mod pruner;
 pub mod scheduler;
 pub mod store;
 pub mod tasks;
@@ -38,6 +40,9 @@ pub struct OrchestratorConfig {
     pub collectors: usize,
     pub collector: CollectorConfig,
     pub scheduler: SchedulerConfig,
+    /// How often queue gauges are refreshed for `/metrics`.
+    pub metrics_interval: std::time::Duration,
+    pub pruner: pruner::PrunerConfig,
 }
 
 impl Default for OrchestratorConfig {
@@ -47,6 +52,8 @@ impl Default for OrchestratorConfig {
             collectors: 2,
             collector: CollectorConfig::default(),
             scheduler: SchedulerConfig::default(),
+            metrics_interval: std::time::Duration::from_secs(15),
+            pruner: pruner::PrunerConfig::default(),
         }
     }
 }
@@ -92,6 +99,11 @@ pub async fn run(
     }
     let scheduler = Scheduler::new(pool.clone(), config.scheduler.clone(), metrics.clone());
     tracker.spawn(scheduler.run(stop.clone()));
+    metrics.watch_pool(pool.clone());
+    let monitor =
+        monitor::QueueMonitor::new(pool.clone(), config.metrics_interval, metrics.clone());
+    tracker.spawn(monitor.run(stop.clone()));
+    tracker.spawn(pruner::Pruner::new(pool.clone(), config.pruner.clone()).run(stop.clone()));
 
     let result = match listener {
         Some(listener) => {

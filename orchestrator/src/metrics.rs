@@ -1,10 +1,12 @@
 //! The orchestrator's counters, rendered as Prometheus text on `/metrics`.
 
 use std::fmt::Write;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
 
 use shared::TaskState;
+use shared::queue::QueueStats;
+use sqlx::PgPool;
 
 #[derive(Debug, Default)]
 struct Counters {
@@ -16,6 +18,10 @@ struct Counters {
     tasks_error: AtomicU64,
     tasks_cancelled: AtomicU64,
     db_errors: AtomicU64,
+    /// The latest queue snapshot, refreshed by the `QueueMonitor`.
+    queues: Mutex<Vec<QueueStats>>,
+    /// The process's pool, for its gauges.
+    pool: OnceLock<PgPool>,
 }
 
 /// Cheap to clone; every loop holds one.
@@ -47,6 +53,18 @@ impl Metrics {
 
     pub fn db_error(&self) {
         self.0.db_errors.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Replaces the queue snapshot.
+    pub fn set_queues(&self, stats: Vec<QueueStats>) {
+        if let Ok(mut queues) = self.0.queues.lock() {
+            *queues = stats;
+        }
+    }
+
+    /// Reports this pool's use on `/metrics`.
+    pub fn watch_pool(&self, pool: PgPool) {
+        let _ = self.0.pool.set(pool);
     }
 
     pub fn stale_results(&self) -> u64 {
@@ -97,6 +115,46 @@ impl Metrics {
             "Failed database round trips in background loops.",
             &[("", load(&c.db_errors))],
         );
+        if let Ok(queues) = c.queues.lock() {
+            let mut gauge = |name: &str, help: &str, value: &dyn Fn(&QueueStats) -> String| {
+                let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} gauge");
+                for q in queues.iter() {
+                    let _ = writeln!(out, "{name}{{queue=\"{}\"}} {}", q.queue_name, value(q));
+                }
+            };
+            gauge("weft_queue_depth", "Messages waiting to be read.", &|q| {
+                q.depth.to_string()
+            });
+            gauge(
+                "weft_queue_in_flight",
+                "Messages read and leased, not yet deleted.",
+                &|q| q.in_flight.to_string(),
+            );
+            gauge(
+                "weft_queue_oldest_message_age_seconds",
+                "Age of the oldest message (0 when empty).",
+                &|q| q.oldest_age_secs.to_string(),
+            );
+        }
+        if let Some(pool) = c.pool.get() {
+            let _ = writeln!(
+                out,
+                "# HELP weft_db_pool_connections Database connections of this process, by state.\n# TYPE weft_db_pool_connections gauge"
+            );
+            let idle = pool.num_idle() as u64;
+            let size = u64::from(pool.size());
+            let _ = writeln!(out, "weft_db_pool_connections{{state=\"idle\"}} {idle}");
+            let _ = writeln!(
+                out,
+                "weft_db_pool_connections{{state=\"busy\"}} {}",
+                size.saturating_sub(idle)
+            );
+            let _ = writeln!(
+                out,
+                "weft_db_pool_connections{{state=\"max\"}} {}",
+                pool.options().get_max_connections()
+            );
+        }
         out
     }
 }

@@ -32,6 +32,9 @@ use render::Applied;
 /// How often `task create --wait` reads the task.
 const WATCH_INTERVAL: Duration = Duration::from_millis(200);
 
+/// How long `task create --wait` keeps trying while the API is unreachable.
+const WATCH_OUTAGE: Duration = Duration::from_secs(15);
+
 /// Exit status of `task create --wait` for a cancelled task.
 const EXIT_CANCELLED: u8 = 2;
 
@@ -393,9 +396,23 @@ async fn watch(client: &Client, created: Value, verb: &str) -> Result<ExitCode, 
         emit_lines(&render::changes(None, &created, started.elapsed()));
     }
     let mut last = created;
+    let mut unavailable_since: Option<Instant> = None;
     while !is_final(task_state(&last)) {
         tokio::time::sleep(WATCH_INTERVAL).await;
-        let next = client.api.get(&["v1", "tasks", &id], &[]).await?;
+        let next = match client.api.get(&["v1", "tasks", &id], &[]).await {
+            Ok(next) => next,
+            // An orchestrator restarting (a deploy) is not the task's fate:
+            // keep watching for a while before giving up.
+            Err(e) if is_transient(&e) => {
+                let since = *unavailable_since.get_or_insert_with(Instant::now);
+                if since.elapsed() > WATCH_OUTAGE {
+                    return Err(e);
+                }
+                continue;
+            }
+            Err(e) => return Err(e),
+        };
+        unavailable_since = None;
         if human {
             emit_lines(&render::changes(Some(&last), &next, started.elapsed()));
         }
@@ -416,6 +433,15 @@ async fn watch(client: &Client, created: Value, verb: &str) -> Result<ExitCode, 
         "cancelled" => ExitCode::from(EXIT_CANCELLED),
         _ => ExitCode::FAILURE,
     })
+}
+
+/// Failures that a later request may not meet.
+fn is_transient(error: &Error) -> bool {
+    match error {
+        Error::Unreachable { .. } => true,
+        Error::Problem { status, .. } => matches!(status, 502..=504),
+        _ => false,
+    }
 }
 
 fn emit_lines(lines: &[String]) {
@@ -567,6 +593,22 @@ mod tests {
         check("demo/diamond@", None);
         check("demo/diamond@v1", None);
         check("a/b/c", None);
+    }
+
+    #[test]
+    fn watching_survives_only_an_outage() {
+        let problem = |status| Error::Problem {
+            status,
+            body: Value::Null,
+        };
+        let unreachable = Error::Unreachable {
+            url: "http://h/".into(),
+            reason: "refused".into(),
+        };
+        assert!(is_transient(&unreachable));
+        assert!(is_transient(&problem(503)) && is_transient(&problem(502)));
+        assert!(!is_transient(&problem(404)) && !is_transient(&problem(500)));
+        assert!(!is_transient(&Error::Usage("x".into())));
     }
 
     #[test]

@@ -276,7 +276,7 @@ pub fn template_view(template: &Value) -> String {
         let timeout = step
             .get("timeout_ms")
             .and_then(Value::as_u64)
-            .map_or_else(|| "-".into(), |ms| millis(ms));
+            .map_or_else(|| "-".into(), millis);
         steps.row(vec![
             text(step, "name"),
             text(step, "handler"),

@@ -58,13 +58,13 @@ struct Scratch(PathBuf);
 impl Scratch {
     fn new() -> Scratch {
         let dir = std::env::temp_dir().join(format!("weft-cli-{}", uuid::Uuid::new_v4().simple()));
-        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::create_dir_all(&dir).expect("create the scratch directory");
         Scratch(dir)
     }
 
     fn file(&self, name: &str, text: &str) -> String {
         let path = self.0.join(name);
-        std::fs::write(&path, text).unwrap();
+        std::fs::write(&path, text).expect("write a scratch file");
         path.display().to_string()
     }
 }
@@ -142,7 +142,13 @@ async fn client_commands_against_real_processes() {
     let api_addr = format!("127.0.0.1:{}", free_port());
     let worker_addr = format!("127.0.0.1:{}", free_port());
     let _orchestrator = Proc::spawn(
-        &["orchestrator", "--http-addr", &api_addr, "--migrate", "false"],
+        &[
+            "orchestrator",
+            "--http-addr",
+            &api_addr,
+            "--migrate",
+            "false",
+        ],
         &url,
     );
     let _worker = Proc::spawn(
@@ -163,16 +169,30 @@ async fn client_commands_against_real_processes() {
     assert_eq!(stdout(&out), format!("{diamond}  created cli/diamond@1\n"));
     let out = weft(&api, home, &["template", "apply", &diamond]).await;
     assert!(out.status.success());
-    assert_eq!(stdout(&out), format!("{diamond}  unchanged cli/diamond@1\n"));
+    assert_eq!(
+        stdout(&out),
+        format!("{diamond}  unchanged cli/diamond@1\n")
+    );
     let changed = scratch.file("changed.yaml", &DIAMOND.replace("ms: 50", "ms: 60"));
-    let typo = scratch.file("typo.yaml", &DIAMOND.replace("[charge, reserve]", "[chrage]"));
-    let out = weft(&api, home, &["template", "apply", &diamond, &changed, &typo]).await;
+    let typo = scratch.file(
+        "typo.yaml",
+        &DIAMOND.replace("[charge, reserve]", "[chrage]"),
+    );
+    let out = weft(
+        &api,
+        home,
+        &["template", "apply", &diamond, &changed, &typo],
+    )
+    .await;
     assert_eq!(out.status.code(), Some(1));
     let text = stdout(&out);
     let lines: Vec<&str> = text.lines().collect();
     assert_eq!(lines.len(), 3, "{text}");
     assert!(lines[0].ends_with("unchanged cli/diamond@1"), "{text}");
-    assert!(lines[1].starts_with(&changed) && lines[1].contains("conflict: "), "{text}");
+    assert!(
+        lines[1].starts_with(&changed) && lines[1].contains("conflict: "),
+        "{text}"
+    );
     assert!(
         lines[2].contains(r#"invalid: steps[3].depends_on[0]: unknown step "chrage""#),
         "{text}"
@@ -182,7 +202,14 @@ async fn client_commands_against_real_processes() {
     let out = weft(
         &api,
         home,
-        &["task", "create", "cli/diamond", "--input", r#"{"order":7}"#, "--wait"],
+        &[
+            "task",
+            "create",
+            "cli/diamond",
+            "--input",
+            r#"{"order":7}"#,
+            "--wait",
+        ],
     )
     .await;
     let text = stdout(&out);
@@ -190,18 +217,30 @@ async fn client_commands_against_real_processes() {
     assert!(text.contains("→ complete"), "{text}");
     assert!(text.contains("\noutputs:\n"), "{text}");
     assert!(
-        text.lines().any(|l| l.trim_start().starts_with("ship ") && l.contains(r#""carrier":"post""#)),
+        text.lines()
+            .any(|l| l.trim_start().starts_with("ship ") && l.contains(r#""carrier":"post""#)),
         "the final step's output is shown: {text}"
     );
     let id = created_id(&text);
-    assert!(text.contains(&format!("task {id} complete after ")), "{text}");
+    assert!(
+        text.contains(&format!("task {id} complete after ")),
+        "{text}"
+    );
 
     // task list --output json: the API's JSON, holding the task.
-    let out = weft(&api, home, &["task", "list", "--namespace", "cli", "--output", "json"]).await;
+    let out = weft(
+        &api,
+        home,
+        &["task", "list", "--namespace", "cli", "--output", "json"],
+    )
+    .await;
     assert!(out.status.success());
     let list: Value = serde_json::from_str(&stdout(&out)).expect("task list prints JSON");
     let items = list["items"].as_array().expect("items");
-    let task = items.iter().find(|t| t["id"] == id.as_str()).expect("the task is listed");
+    let task = items
+        .iter()
+        .find(|t| t["id"] == id.as_str())
+        .expect("the task is listed");
     assert_eq!(task["state"], "complete");
     assert_eq!(task["template_name"], "diamond");
 
@@ -209,7 +248,9 @@ async fn client_commands_against_real_processes() {
     let out = weft(&api, home, &["task", "explain", &id]).await;
     assert!(out.status.success());
     assert!(
-        stdout(&out).starts_with(&format!("Task {id} is complete and every step is complete.")),
+        stdout(&out).starts_with(&format!(
+            "Task {id} is complete and every step is complete."
+        )),
         "{}",
         stdout(&out)
     );
@@ -219,7 +260,10 @@ async fn client_commands_against_real_processes() {
     assert!(out.status.success());
     let text = stdout(&out);
     assert!(text.starts_with("QUEUE "), "{text}");
-    assert!(text.lines().any(|l| l.starts_with("weft_steps_cli ")), "{text}");
+    assert!(
+        text.lines().any(|l| l.starts_with("weft_steps_cli ")),
+        "{text}"
+    );
 
     // --wait exit statuses: 1 for a task ending in error, 2 for a cancelled one.
     let failing = scratch.file("failing.yaml", FAILING);
@@ -233,21 +277,30 @@ async fn client_commands_against_real_processes() {
     let waiting = client(&api, home, &["task", "create", "cli/slow", "--wait"])
         .spawn()
         .expect("spawn weft");
-    let mut slow_id = None;
-    let found = support::wait_until(Duration::from_secs(30), || {
-        let (api, home) = (api.clone(), home.to_owned());
-        let slow_id = &mut slow_id;
-        async move {
-            let out = weft(&api, &home, &["task", "list", "--name", "slow", "--output", "json"]).await;
-            let list: Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
-            *slow_id = list["items"][0]["id"].as_str().map(str::to_owned);
-            slow_id.is_some()
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    let slow_id = loop {
+        let out = weft(
+            &api,
+            home,
+            &["task", "list", "--name", "slow", "--output", "json"],
+        )
+        .await;
+        let list: Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
+        if let Some(id) = list["items"][0]["id"].as_str() {
+            break id.to_owned();
         }
-    })
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the slow task never showed up"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    let out = weft(
+        &api,
+        home,
+        &["task", "cancel", &slow_id, "--reason", "cli test"],
+    )
     .await;
-    assert!(found, "the slow task never showed up");
-    let slow_id = slow_id.unwrap();
-    let out = weft(&api, home, &["task", "cancel", &slow_id, "--reason", "cli test"]).await;
     assert!(out.status.success());
     assert!(stdout(&out).starts_with(&format!("task {slow_id} cancelled\n")));
     let waited = tokio::time::timeout(Duration::from_secs(30), waiting.wait_with_output())
@@ -263,13 +316,22 @@ async fn client_commands_against_real_processes() {
     assert_eq!(stderr(&out), format!("error: task {missing} not found\n"));
     let out = weft(&api, home, &["task", "list", "--limit", "0"]).await;
     assert_eq!(out.status.code(), Some(1));
-    assert_eq!(stderr(&out), "error: must be between 1 and 500\n  at limit\n");
+    assert_eq!(
+        stderr(&out),
+        "error: must be between 1 and 500\n  at limit\n"
+    );
 
     // Nothing listening: the URL and the way out.
     let nowhere = format!("http://127.0.0.1:{}", free_port());
     let out = weft(&nowhere, home, &["queue", "stats"]).await;
     assert_eq!(out.status.code(), Some(1));
     let text = stderr(&out);
-    assert!(text.starts_with(&format!("error: cannot reach the Weft API at {nowhere}/")), "{text}");
-    assert!(text.contains("weft dev") && text.contains("--api-url"), "{text}");
+    assert!(
+        text.starts_with(&format!("error: cannot reach the Weft API at {nowhere}/")),
+        "{text}"
+    );
+    assert!(
+        text.contains("weft dev") && text.contains("--api-url"),
+        "{text}"
+    );
 }

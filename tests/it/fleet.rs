@@ -36,6 +36,8 @@ pub fn orchestrator_config() -> orchestrator::OrchestratorConfig {
             poll_interval: Duration::from_millis(500),
             ..Default::default()
         },
+        metrics_interval: Duration::from_millis(500),
+        pruner: Default::default(),
     }
 }
 

@@ -7,7 +7,9 @@ mod fleet;
 mod support;
 
 mod chaos;
+mod cli;
 mod engine;
 mod migrations;
+mod operations;
 mod reliability;
 mod status_model;

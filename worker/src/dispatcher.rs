@@ -26,6 +26,7 @@ use crate::config::WorkerConfig;
 use crate::handler::{Handler, Registry, StepContext, StepError};
 use crate::in_flight::InFlight;
 use crate::poison;
+use crate::step_metrics::StepMetrics;
 
 /// Longest timeout honoured: keeps deadline arithmetic far from overflow
 /// whatever a message says.
@@ -78,6 +79,8 @@ pub struct DispatcherConfig {
     pub dead_letters: QueueName,
     pub worker_id: String,
     pub max_deliveries: i32,
+    /// Where handler durations and hop latencies are recorded.
+    pub metrics: StepMetrics,
 }
 
 impl From<&WorkerConfig> for DispatcherConfig {
@@ -87,6 +90,7 @@ impl From<&WorkerConfig> for DispatcherConfig {
             dead_letters: QueueName::dead_letters(&config.namespace),
             worker_id: config.worker_id.clone(),
             max_deliveries: config.max_deliveries,
+            metrics: StepMetrics::default(),
         }
     }
 }
@@ -251,6 +255,15 @@ impl Shared {
                 ),
             },
         };
+        let finished_at = Utc::now();
+        let seconds = |d: chrono::TimeDelta| d.num_microseconds().unwrap_or(i64::MAX) as f64 / 1e6;
+        self.config.metrics.record(
+            &step.namespace,
+            &step.handler,
+            status(&outcome),
+            seconds(started_at - step.enqueued_at),
+            seconds(finished_at - started_at),
+        );
         ResultMessage {
             v: PROTOCOL_VERSION,
             task_id: step.task_id,
@@ -259,7 +272,7 @@ impl Shared {
             outcome,
             worker: Some(self.config.worker_id.clone()),
             started_at: Some(started_at),
-            finished_at: Some(Utc::now()),
+            finished_at: Some(finished_at),
             trace: step.trace,
         }
     }

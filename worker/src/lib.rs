@@ -25,6 +25,7 @@ pub mod in_flight;
 mod poison;
 pub mod reader;
 pub mod state;
+pub mod step_metrics;
 mod wake;
 
 use std::future::Future;
@@ -189,7 +190,10 @@ impl Worker {
         let reader = Reader::new(pool.clone(), &config, Arc::clone(&state), deliveries_tx);
         let dispatcher = Dispatcher::new(
             Arc::clone(&registry),
-            DispatcherConfig::from(&config),
+            DispatcherConfig {
+                metrics: state.step_metrics(),
+                ..DispatcherConfig::from(&config)
+            },
             in_flight.clone(),
             deliveries_rx,
             completions_tx,

@@ -11,6 +11,8 @@ use chrono::{DateTime, Utc};
 use shared::message::Outcome;
 use tokio::sync::Semaphore;
 
+use crate::step_metrics::StepMetrics;
+
 #[derive(Debug)]
 pub struct WorkerState {
     slots: Arc<Semaphore>,
@@ -24,6 +26,7 @@ pub struct WorkerState {
     /// Unix milliseconds of the last successful round trip; 0 for never.
     last_db_ok_ms: AtomicI64,
     draining: AtomicBool,
+    steps: StepMetrics,
 }
 
 impl WorkerState {
@@ -39,7 +42,13 @@ impl WorkerState {
             db_errors: AtomicU64::new(0),
             last_db_ok_ms: AtomicI64::new(0),
             draining: AtomicBool::new(false),
+            steps: StepMetrics::default(),
         }
+    }
+
+    /// Per-step histograms; the dispatcher records into them.
+    pub fn step_metrics(&self) -> StepMetrics {
+        self.steps.clone()
     }
 
     /// The semaphore whose permits are the slots; the reader takes them.
@@ -185,6 +194,7 @@ impl WorkerState {
             "Unix time of the last successful database round trip (0: never).",
             &[("", last_ok)],
         );
+        self.steps.render(&mut out);
         out
     }
 }
