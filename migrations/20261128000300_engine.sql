@@ -14,7 +14,7 @@ create function weft.enqueue_ready_steps(
     p_now timestamptz default null,
     p_force uuid[] default '{}'
 )
-returns table (task_id uuid, step_id uuid, msg_id bigint)
+returns table (task_id uuid, step_id uuid, msg_id bigint, trace jsonb)
 language plpgsql as $$
 declare
     -- The clock, not the transaction start: the caller may have waited for
@@ -116,8 +116,8 @@ begin
     select started.id, 'pending', 'running', v_now from started;
 
     return query
-        select b.task_id, b.step_id, sent.msg_id
-        from unnest(v_task_ids, v_step_ids) as b(task_id, step_id)
+        select b.task_id, b.step_id, sent.msg_id, m -> 'trace'
+        from unnest(v_task_ids, v_step_ids, v_messages) as b(task_id, step_id, m)
         join unnest(v_sent_steps, v_sent_ids) as sent(step_id, msg_id) on sent.step_id = b.step_id;
 end
 $$;

@@ -14,13 +14,6 @@ use crate::config::{Cli, Command, DbArgs, LogFormat, OrchestratorArgs, WorkerArg
 
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
-    // `weft dev` prints its own live view; only problems go to the log there.
-    let default_filter = if matches!(cli.command, Command::Dev(_)) {
-        "warn"
-    } else {
-        "info,sqlx=warn"
-    };
-    install_tracing(cli.log_format, default_filter);
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -31,27 +24,91 @@ pub fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match runtime.block_on(run(cli.command)) {
+    // `weft dev` prints its own live view; only problems go to the log there.
+    let default_filter = if matches!(cli.command, Command::Dev(_)) {
+        "warn"
+    } else {
+        "info,sqlx=warn"
+    };
+    let traces = {
+        let _guard = runtime.enter();
+        install_tracing(
+            cli.log_format,
+            default_filter,
+            cli.otlp_endpoint.as_deref(),
+            &cli.otel_service_name,
+        )
+    };
+    let code = match runtime.block_on(run(cli.command)) {
         Ok(code) => code,
         Err(e) => {
             error!("{e:#}");
             eprintln!("error: {e:#}");
             ExitCode::FAILURE
         }
+    };
+    if let Some(provider) = traces {
+        // Flush what the batch exporter still holds.
+        let _ = provider.shutdown();
     }
+    code
 }
 
-fn install_tracing(format: LogFormat, default_filter: &str) {
+/// Installs the log subscriber, and the OpenTelemetry layer when an OTLP
+/// endpoint is configured; returns the tracer provider to flush at exit.
+fn install_tracing(
+    format: LogFormat,
+    default_filter: &str,
+    otlp_endpoint: Option<&str>,
+    service_name: &str,
+) -> Option<opentelemetry_sdk::trace::SdkTracerProvider> {
+    use opentelemetry::trace::TracerProvider as _;
     use tracing_subscriber::EnvFilter;
+    use tracing_subscriber::layer::SubscriberExt;
+    use tracing_subscriber::util::SubscriberInitExt;
+
     let filter =
         EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default_filter));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
-    match format {
-        LogFormat::Text => builder.init(),
-        LogFormat::Json => builder.json().init(),
+    let provider = otlp_endpoint.and_then(|endpoint| match otlp_provider(endpoint, service_name) {
+        Ok(provider) => Some(provider),
+        Err(e) => {
+            eprintln!("warning: traces are off: cannot build the OTLP exporter: {e}");
+            None
+        }
+    });
+    let otel = provider
+        .as_ref()
+        .map(|p| tracing_opentelemetry::layer().with_tracer(p.tracer("weft")));
+    let registry = tracing_subscriber::registry().with(filter).with(otel);
+    let fmt = tracing_subscriber::fmt::layer().with_writer(std::io::stderr);
+    let installed = match format {
+        LogFormat::Text => registry.with(fmt).try_init(),
+        LogFormat::Json => registry.with(fmt.json()).try_init(),
+    };
+    if let Err(e) = installed {
+        eprintln!("warning: logging already installed: {e}");
     }
+    provider
+}
+
+fn otlp_provider(
+    endpoint: &str,
+    service_name: &str,
+) -> Result<opentelemetry_sdk::trace::SdkTracerProvider, opentelemetry_otlp::ExporterBuildError> {
+    use opentelemetry_otlp::WithExportConfig;
+    // OTEL_EXPORTER_OTLP_ENDPOINT is a base URL; traces go to /v1/traces under it.
+    let url = format!("{}/v1/traces", endpoint.trim_end_matches('/'));
+    let exporter = opentelemetry_otlp::SpanExporter::builder()
+        .with_http()
+        .with_endpoint(url)
+        .build()?;
+    let resource = opentelemetry_sdk::Resource::builder()
+        .with_service_name(service_name.to_owned())
+        .build();
+    Ok(opentelemetry_sdk::trace::SdkTracerProvider::builder()
+        .with_batch_exporter(exporter)
+        .with_resource(resource)
+        .build())
 }
 
 async fn run(command: Command) -> anyhow::Result<ExitCode> {
@@ -99,8 +156,12 @@ async fn run(command: Command) -> anyhow::Result<ExitCode> {
             let pool = connect(&args.db).await?;
             let stop = CancellationToken::new();
             let pruned =
-                orchestrator::pruner::prune(&pool, args.older_than, args.batch_size.max(1), &stop).await?;
-            println!("pruned {} tasks and {} archived queue messages", pruned.tasks, pruned.archived_messages);
+                orchestrator::pruner::prune(&pool, args.older_than, args.batch_size.max(1), &stop)
+                    .await?;
+            println!(
+                "pruned {} tasks and {} archived queue messages",
+                pruned.tasks, pruned.archived_messages
+            );
             Ok(ExitCode::SUCCESS)
         }
         Command::Dev(args) => crate::dev::run(args).await,

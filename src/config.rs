@@ -13,6 +13,13 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 pub struct Cli {
     #[command(subcommand)]
     pub command: Command,
+    /// Export traces with OTLP/HTTP to this collector (the standard
+    /// OpenTelemetry variable; the other OTEL_* variables apply too). Off when unset.
+    #[arg(long, env = "OTEL_EXPORTER_OTLP_ENDPOINT", global = true)]
+    pub otlp_endpoint: Option<String>,
+    /// Service name on exported traces.
+    #[arg(long, env = "OTEL_SERVICE_NAME", default_value = "weft", global = true)]
+    pub otel_service_name: String,
     /// Log format: human-readable text or one JSON object per line.
     #[arg(long, env = "WEFT_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text, global = true)]
     pub log_format: LogFormat,
@@ -431,11 +438,7 @@ pub struct BenchArgs {
     #[arg(long, env = "WEFT_BENCH_PG_PORT", default_value_t = 55450)]
     pub pg_port: u16,
     /// Workloads to run, comma-separated.
-    #[arg(
-        long,
-        value_delimiter = ',',
-        default_value = "W0,W1,W2,W3,W4,W5,W6,W7"
-    )]
+    #[arg(long, value_delimiter = ',', default_value = "W0,W1,W2,W3,W4,W5,W6,W7")]
     pub workloads: Vec<String>,
     /// Runs of every workload; figures are medians across runs, percentiles
     /// come from the samples of all runs.

@@ -200,11 +200,12 @@ def validate_schemas(root: str, objects: list[tuple[str, dict[str, Any]]], versi
 
 
 def parse_duration(text: str) -> float:
-    m = re.fullmatch(r"(?:(\d+)m)?(?:(\d+)s)?(?:(\d+)ms)?", text.strip())
+    """Seconds in a Weft duration (whole numbers with h, m, s, ms, e.g. 1m30s)."""
+    m = re.fullmatch(r"(?:(\d+)h)?(?:(\d+)m(?!s))?(?:(\d+)s)?(?:(\d+)ms)?", text.strip())
     if not m or not any(m.groups()):
         raise ValueError(f"cannot read duration {text!r}")
-    minutes, seconds, millis = (int(g or 0) for g in m.groups())
-    return minutes * 60 + seconds + millis / 1000
+    hours, minutes, seconds, millis = (int(g or 0) for g in m.groups())
+    return hours * 3600 + minutes * 60 + seconds + millis / 1000
 
 
 def env_of(container: dict[str, Any]) -> dict[str, str]:

@@ -128,6 +128,9 @@ impl Collector {
         if !decoded.is_empty() {
             let payload = Value::Array(decoded.iter().map(ResultMessage::to_value).collect());
             let applied = store::apply_results(&mut *tx, &payload).await?;
+            for (result, a) in decoded.iter().zip(&applied) {
+                crate::spans::applied(result, &a.outcome);
+            }
             done.stale = applied.iter().filter(|a| a.is_stale()).count();
             done.applied = applied.len() - done.stale;
             for a in applied.iter().filter(|a| a.is_stale()) {
@@ -136,7 +139,9 @@ impl Collector {
             let mut task_ids: Vec<Uuid> = decoded.iter().map(|r| r.task_id.0).collect();
             task_ids.sort_unstable();
             task_ids.dedup();
-            done.enqueued = store::enqueue_ready_steps(&mut *tx, &task_ids).await?.len();
+            let enqueued = store::enqueue_ready_steps(&mut *tx, &task_ids).await?;
+            crate::spans::enqueued(&enqueued);
+            done.enqueued = enqueued.len();
             let finalized = store::finalize_tasks(&mut *tx, &task_ids).await?;
             for f in finalized.iter().filter(|f| f.finalized) {
                 info!(task.id = %f.task_id, state = %f.state, "task finished");

@@ -16,6 +16,7 @@ pub mod monitor;
 pub mod operator;
 pub mod pruner;
 pub mod scheduler;
+pub mod spans;
 pub mod store;
 pub mod tasks;
 pub mod wake;

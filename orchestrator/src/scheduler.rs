@@ -87,6 +87,7 @@ impl Scheduler {
             return Ok(0);
         }
         let enqueued = store::enqueue_ready_steps(&mut *tx, &task_ids).await?;
+        crate::spans::enqueued(&enqueued);
         let finalized = store::finalize_tasks(&mut *tx, &task_ids).await?;
         tx.commit().await?;
         self.metrics.retries_enqueued(enqueued.len() as u64);

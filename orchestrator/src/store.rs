@@ -304,6 +304,8 @@ pub struct Enqueued {
     pub task_id: Uuid,
     pub step_id: Uuid,
     pub msg_id: i64,
+    /// The task's trace context, as the step message carries it.
+    pub trace: Option<Value>,
 }
 
 /// Enqueues every ready step of the given tasks (the transactional outbox:
@@ -325,7 +327,7 @@ pub async fn enqueue_ready_steps_forcing(
     forced: &[Uuid],
 ) -> Result<Vec<Enqueued>, StoreError> {
     Ok(sqlx::query_as(
-        "select task_id, step_id, msg_id from weft.enqueue_ready_steps($1, null, $2)",
+        "select task_id, step_id, msg_id, trace from weft.enqueue_ready_steps($1, null, $2)",
     )
     .bind(task_ids)
     .bind(forced)

@@ -61,19 +61,22 @@ pub async fn create_tasks(
         let group = &requests[start..end];
         let new_tasks: Vec<NewTask> = group
             .iter()
-            .map(|r| NewTask {
-                id: TaskId::new(),
-                template_id: record.id,
-                input: r.input.clone(),
-                priority: r.priority,
-                idempotency_key_hash: r.idempotency_key_hash.clone(),
-                request_hash: r.request_hash.clone(),
-                trace_context: None,
+            .map(|r| {
+                let id = TaskId::new();
+                NewTask {
+                    id,
+                    template_id: record.id,
+                    input: r.input.clone(),
+                    priority: r.priority,
+                    idempotency_key_hash: r.idempotency_key_hash.clone(),
+                    request_hash: r.request_hash.clone(),
+                    trace_context: crate::spans::task_created(&id, &first.namespace, &first.name),
+                }
             })
             .collect();
         let inserted = store::insert_tasks(&mut tx, &template, &new_tasks).await?;
         let inserted_ids: Vec<uuid::Uuid> = inserted.iter().map(|id| id.0).collect();
-        store::enqueue_ready_steps(&mut *tx, &inserted_ids).await?;
+        crate::spans::enqueued(&store::enqueue_ready_steps(&mut *tx, &inserted_ids).await?);
         for (request, task) in group.iter().zip(&new_tasks) {
             if inserted.contains(&task.id) {
                 out.push(Created::New(task.id));

@@ -13,6 +13,7 @@ pub mod names;
 pub mod queue;
 pub mod state;
 pub mod template;
+pub mod trace;
 
 pub use ids::{StepId, TaskId};
 pub use names::{HandlerName, Namespace, StepName, TemplateName};

@@ -3,9 +3,13 @@
 //! database on the PostgreSQL that `DATABASE_URL` points at; `scripts/test`
 //! starts a private cluster and sets it.
 
+// Test helpers panic on failure: that is how a test reports it.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 mod fleet;
 mod support;
 
+mod bench;
 mod chaos;
 mod cli;
 mod engine;
@@ -13,3 +17,4 @@ mod migrations;
 mod operations;
 mod reliability;
 mod status_model;
+mod traces;

@@ -19,7 +19,7 @@ use tokio::sync::{OwnedSemaphorePermit, mpsc};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
-use tracing::{Instrument, debug, debug_span, warn};
+use tracing::{Instrument, debug, info_span, warn};
 
 use crate::builtin::unknown_handler_message;
 use crate::config::WorkerConfig;
@@ -244,8 +244,12 @@ impl Shared {
 
     async fn execute(&self, step: StepMessage, token: CancellationToken) -> ResultMessage {
         let started_at = Utc::now();
-        let span = debug_span!("step", task.id = %step.task_id, step.id = %step.step_id, step.name = %step.step,
+        // `step.run` joins the task's trace carried by the message; the result
+        // carries this span's context back, so applying it nests under the run.
+        let span = info_span!("step.run", task.id = %step.task_id, step.id = %step.step_id, step.name = %step.step,
             handler = %step.handler, attempt = step.attempt);
+        shared::trace::set_parent(&span, step.trace.as_ref());
+        let trace = shared::trace::inject(&span).or_else(|| step.trace.clone());
         let outcome = match self.registry.get(&step.handler) {
             Some(handler) => run(handler, &step, token).instrument(span).await,
             None => Outcome::Permanent {
@@ -273,7 +277,7 @@ impl Shared {
             worker: Some(self.config.worker_id.clone()),
             started_at: Some(started_at),
             finished_at: Some(finished_at),
-            trace: step.trace,
+            trace,
         }
     }
 }
