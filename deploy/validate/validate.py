@@ -486,6 +486,12 @@ def main() -> int:
         for obj in objs:
             check_pods(kdir, obj, report)
         check_weft_deployments(kdir, objs, report)
+    for obj in rendered.get("deploy/k8s/base", []):
+        if obj["kind"] == "ConfigMap" and obj["metadata"]["name"] == "weft":
+            try:
+                report.check(parse_duration(obj["data"].get("WEFT_RETENTION", "")) >= 3600, "ConfigMap weft: WEFT_RETENTION must keep at least 1h")
+            except ValueError as e:
+                report.fail(f"ConfigMap weft: WEFT_RETENTION must be set, so finished tasks are pruned: {e}")
     install = install_view(rendered)
     if report.check(bool(install), f"{INSTALL_OVERLAY} rendered nothing"):
         check_autoscalers(root, install, report)

@@ -17,7 +17,7 @@ pub async fn cancel(
     id: TaskId,
     reason: Option<&str>,
 ) -> Result<Option<(TaskState, bool)>, StoreError> {
-    Ok(store::cancel_task(pool, id, reason).await?)
+    store::cancel_task(pool, id, reason).await
 }
 
 /// Retries or resolves a step, then enqueues what became ready and

@@ -10,10 +10,7 @@ async fn migrations_apply_to_an_empty_database_and_are_idempotent() {
         .execute(&admin)
         .await
         .unwrap();
-    let url = {
-        let base = support::fresh_url_for(&name);
-        base
-    };
+    let url = support::fresh_url_for(&name);
     let pool = support::pool(&url, 4).await;
     shared::migrate::run(&pool)
         .await

@@ -201,7 +201,7 @@ async fn throughput_scales_with_workers() {
         println!("{n} worker(s): {rate:.0} steps/s");
         figures.push(rate);
     }
-    for mut w in workers.drain(..).rev().skip(0) {
+    for mut w in workers.drain(..).rev() {
         w.signal("TERM");
         let status = w.wait(Duration::from_secs(30)).await;
         assert!(status.success(), "a draining worker exits 0");

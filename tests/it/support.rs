@@ -142,9 +142,8 @@ mod url_lite {
     impl Url {
         pub fn set_database(&mut self, name: &str) {
             let authority_end = self.base.find("://").map_or(0, |i| i + 3);
-            match self.base[authority_end..].find('/') {
-                Some(slash) => self.base.truncate(authority_end + slash),
-                None => {}
+            if let Some(slash) = self.base[authority_end..].find('/') {
+                self.base.truncate(authority_end + slash);
             }
             self.base.push('/');
             self.base.push_str(name);
