@@ -42,7 +42,7 @@ import kustomize_lite  # noqa: E402
 # THE depth query. docs/operations.md ("The depth query") is its place of
 # record; the KEDA ScaledObjects must carry exactly this text, and this
 # validator checks that the doc still shows it.
-DEPTH_QUERY = "select depth from weft.queue_stats() where queue_name = 'weft_steps_{ns}'"
+DEPTH_QUERY = "select depth + in_flight from weft.queue_stats() where queue_name = 'weft_steps_{ns}'"
 
 # YAML files under the validated trees that are not Kubernetes resources of a
 # kustomization, and how they are checked instead.

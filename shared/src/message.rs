@@ -247,4 +247,56 @@ mod tests {
         assert_eq!(v["retry_after_ms"], 500);
         assert_eq!(ResultMessage::decode(&v).unwrap(), r);
     }
+
+    /// Any JSON at all, biased toward message-like objects.
+    fn any_json() -> impl proptest::strategy::Strategy<Value = Value> {
+        use proptest::prelude::*;
+        let leaf = prop_oneof![
+            Just(Value::Null),
+            any::<bool>().prop_map(Value::from),
+            any::<i64>().prop_map(Value::from),
+            any::<f64>()
+                .prop_map(|f| serde_json::Number::from_f64(f).map_or(Value::Null, Value::Number)),
+            "[a-z0-9_:.-]{0,12}".prop_map(Value::from),
+            Just(json!("0190b3a5-6d1c-7000-8000-000000000001")),
+            Just(json!("2026-01-01T00:00:00Z")),
+        ];
+        leaf.prop_recursive(4, 64, 8, |inner| {
+            let keys = prop_oneof![
+                Just("v".to_owned()),
+                Just("task_id".to_owned()),
+                Just("step_id".to_owned()),
+                Just("attempt".to_owned()),
+                Just("status".to_owned()),
+                Just("error".to_owned()),
+                Just("handler".to_owned()),
+                Just("dependencies".to_owned()),
+                "[a-z]{1,8}",
+            ];
+            prop_oneof![
+                proptest::collection::vec(inner.clone(), 0..6).prop_map(Value::Array),
+                proptest::collection::btree_map(keys, inner, 0..10)
+                    .prop_map(|m| Value::Object(m.into_iter().collect())),
+            ]
+        })
+    }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(2000))]
+
+        /// The decoders never panic, and every refusal is a clean error with a message.
+        #[test]
+        fn decoders_never_panic(value in any_json(), version in proptest::option::of(0u64..3)) {
+            let mut value = value;
+            if let (Some(v), Some(object)) = (version, value.as_object_mut()) {
+                object.insert("v".into(), json!(v));
+            }
+            if let Err(e) = StepMessage::decode(&value) {
+                proptest::prop_assert!(!e.to_string().is_empty());
+            }
+            if let Err(e) = ResultMessage::decode(&value) {
+                proptest::prop_assert!(!e.to_string().is_empty());
+            }
+        }
+    }
 }

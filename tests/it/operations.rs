@@ -273,9 +273,10 @@ async fn keda_loop_follows_a_load_ramp() {
         if per_tick > 0 {
             enqueue_io_tasks(&pool, per_tick).await;
         }
+        // The documented KEDA query (docs/operations.md): work outstanding.
         let depth = count(
             &pool,
-            "select depth from weft.queue_stats() where queue_name = 'weft_steps_scale'",
+            "select depth + in_flight from weft.queue_stats() where queue_name = 'weft_steps_scale'",
         )
         .await;
         // KEDA's formula for a query trigger: desired = ceil(metric / target).
