@@ -478,6 +478,11 @@ pub struct BenchArgs {
     /// Keep the per-workload databases afterwards (for EXPLAIN and inspection).
     #[arg(long)]
     pub keep_databases: bool,
+    /// `NAME=VALUE`: set on every workload database before its processes
+    /// connect (repeatable), to profile or compare configurations, e.g.
+    /// `--db-setting session_preload_libraries=auto_explain`.
+    #[arg(long = "db-setting")]
+    pub db_settings: Vec<String>,
     /// Run even when the cluster does not commit durably (fsync or
     /// synchronous_commit off); figures are then not comparable.
     #[arg(long)]

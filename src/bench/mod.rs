@@ -145,6 +145,7 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<ExitCode> {
         args.database_url.as_deref(),
         args.pg_port,
         args.allow_nondurable,
+        &args.db_settings,
     )
     .await?;
     let launcher = procs::Launcher {
@@ -163,6 +164,7 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<ExitCode> {
         "orchestrator_flags": [["--poll-interval", "5s"], args.orchestrator_args],
         "worker_flags": [["--concurrency", launcher.concurrency.to_string()], ["--poll-interval", "5s"], args.worker_args],
         "commit_timestamps": server.commit_ts,
+        "db_settings": args.db_settings,
         "load_average_at_start": server::load_average(),
     });
     println!(

@@ -24,6 +24,8 @@ pub struct Server {
     /// the transaction just before it commits.
     pub commit_ts: bool,
     pub description: Value,
+    /// `ALTER DATABASE … SET` for every workload database.
+    settings: Vec<(String, String)>,
 }
 
 impl Server {
@@ -33,7 +35,12 @@ impl Server {
         database_url: Option<&str>,
         port: u16,
         allow_nondurable: bool,
+        settings: &[String],
     ) -> anyhow::Result<Server> {
+        let settings = settings
+            .iter()
+            .map(|s| parse_setting(s))
+            .collect::<anyhow::Result<Vec<_>>>()?;
         let (url, base, admin_db, owned) = match database_url {
             Some(url) => {
                 let name = database_name(url).context("--database-url names no database")?;
@@ -89,6 +96,7 @@ impl Server {
             template,
             commit_ts: commit_ts == "on",
             description,
+            settings,
         };
         server.build_template().await?;
         Ok(server)
@@ -119,6 +127,15 @@ impl Server {
         .execute(&self.admin)
         .await
         .with_context(|| format!("creating database {name}"))?;
+        for (key, value) in &self.settings {
+            sqlx::query(&format!(
+                "alter database {name} set {key} = '{}'",
+                value.replace('\'', "''")
+            ))
+            .execute(&self.admin)
+            .await
+            .with_context(|| format!("setting {key} on {name}"))?;
+        }
         Ok((name.clone(), with_database(&self.url, &name)))
     }
 
@@ -164,6 +181,22 @@ pub async fn connect(url: &str, max: u32) -> anyhow::Result<PgPool> {
         .connect_with(options.disable_statement_logging())
         .await
         .with_context(|| format!("connecting to {}", redact(url)))
+}
+
+/// `NAME=VALUE`, with a name fit to splice into SQL.
+fn parse_setting(text: &str) -> anyhow::Result<(String, String)> {
+    let (key, value) = text
+        .split_once('=')
+        .with_context(|| format!("--db-setting {text:?}: expected NAME=VALUE"))?;
+    let key = key.trim();
+    if key.is_empty()
+        || !key
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '.')
+    {
+        bail!("--db-setting {text:?}: not a setting name");
+    }
+    Ok((key.to_owned(), value.trim().to_owned()))
 }
 
 /// The URL without its password, for messages.

@@ -71,18 +71,13 @@ fn read_config(path: &Path) -> Result<ConfigFile, Error> {
     })
 }
 
-/// Parses the API's base URL. Only plain HTTP: this build has no TLS, so an
-/// `https` URL is refused here rather than failing obscurely on every call.
+/// Parses the API's base URL: http, or https (rustls, webpki roots).
 pub fn parse_api_url(raw: &str) -> Result<Url, Error> {
     let url = Url::parse(raw).map_err(|e| Error::Usage(format!("--api-url {raw:?}: {e}")))?;
     match url.scheme() {
-        "http" => Ok(url),
-        "https" => Err(Error::Usage(format!(
-            "--api-url {raw}: https is not supported by this build; \
-             reach the API over http (for example through a local TLS-terminating proxy)"
-        ))),
+        "http" | "https" => Ok(url),
         other => Err(Error::Usage(format!(
-            "--api-url {raw}: unsupported scheme {other:?}, expected http"
+            "--api-url {raw}: unsupported scheme {other:?}, expected http or https"
         ))),
     }
 }
@@ -326,12 +321,11 @@ mod tests {
     }
 
     #[test]
-    fn only_http_urls() {
+    fn only_http_and_https_urls() {
         assert!(parse_api_url("http://127.0.0.1:8080").is_ok());
-        let https = parse_api_url("https://weft.example")
-            .unwrap_err()
-            .to_string();
-        assert!(https.contains("https is not supported"), "{https}");
+        assert!(parse_api_url("https://weft.example").is_ok());
+        let ftp = parse_api_url("ftp://weft.example").unwrap_err().to_string();
+        assert!(ftp.contains("expected http or https"), "{ftp}");
         assert!(parse_api_url("127.0.0.1:8080").is_err());
     }
 

@@ -113,11 +113,10 @@ impl Request {
         };
         let url = config.required(config.str("url")?, "url", "a string")?;
         let url = Url::parse(url).map_err(|e| StepError::permanent(format!("config.url: {e}")))?;
-        // This build's client speaks plain HTTP only; saying so beats a
-        // connection error that would be retried forever.
-        if url.scheme() != "http" {
+        // Anything else would fail at connect time and be retried forever.
+        if url.scheme() != "http" && url.scheme() != "https" {
             return Err(StepError::permanent(format!(
-                "config.url: only http:// URLs are supported by this worker, found {}://",
+                "config.url: only http:// and https:// URLs are supported, found {}://",
                 url.scheme()
             )));
         }
@@ -292,8 +291,8 @@ mod tests {
         )
         .await;
         check(
-            json!({"url": "https://example.com"}),
-            "config.url: only http:// URLs are supported by this worker, found https://",
+            json!({"url": "ftp://example.com"}),
+            "config.url: only http:// and https:// URLs are supported, found ftp://",
         )
         .await;
         check(
