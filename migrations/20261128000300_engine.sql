@@ -109,7 +109,7 @@ begin
 
     with started as (
         update weft.tasks t set state = 'running', started_at = v_now, updated_at = v_now
-         where t.id = any (v_task_ids) and t.state = 'pending'
+         where t.id in (select distinct id from unnest(v_task_ids) as ids(id)) and t.state = 'pending'
         returning t.id
     )
     insert into weft.task_transitions (task_id, from_state, to_state, at)

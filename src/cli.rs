@@ -10,7 +10,7 @@ use sqlx::postgres::PgPoolOptions;
 use tokio_util::sync::CancellationToken;
 use tracing::{error, info};
 
-use crate::config::{Cli, Command, DbArgs, LogFormat, OrchestratorArgs, WorkerArgs};
+use crate::config::{AuthMode, Cli, Command, DbArgs, LogFormat, OrchestratorArgs, WorkerArgs};
 
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
@@ -227,9 +227,12 @@ pub fn shutdown_on_signals() -> CancellationToken {
     token
 }
 
-pub fn orchestrator_config(args: &OrchestratorArgs) -> orchestrator::OrchestratorConfig {
-    orchestrator::OrchestratorConfig {
+pub fn orchestrator_config(
+    args: &OrchestratorArgs,
+) -> anyhow::Result<orchestrator::OrchestratorConfig> {
+    Ok(orchestrator::OrchestratorConfig {
         http_addr: Some(args.http_addr),
+        auth: api_auth(args)?,
         collectors: args.collectors,
         collector: orchestrator::CollectorConfig {
             batch_size: args.result_batch,
@@ -245,16 +248,38 @@ pub fn orchestrator_config(args: &OrchestratorArgs) -> orchestrator::Orchestrato
             retention: args.retention,
             ..orchestrator::pruner::PrunerConfig::default()
         },
+    })
+}
+
+/// The API's tokens from `--auth-tokens-file` and `--auth-tokens`; with
+/// `--auth on` and none configured, the error that tells how to fix it.
+fn api_auth(args: &OrchestratorArgs) -> anyhow::Result<orchestrator::Auth> {
+    if args.auth == AuthMode::Off {
+        return Ok(orchestrator::Auth::Off);
     }
+    let mut tokens = Vec::new();
+    if let Some(path) = &args.auth_tokens_file {
+        let text = std::fs::read_to_string(path)
+            .with_context(|| format!("reading --auth-tokens-file {}", path.display()))?;
+        orchestrator::api::parse_tokens(&text, &path.display().to_string(), &mut tokens)?;
+    }
+    if let Some(text) = &args.auth_tokens {
+        orchestrator::api::parse_tokens(text, "WEFT_AUTH_TOKENS", &mut tokens)?;
+    }
+    let auth = orchestrator::Auth::with_tokens(tokens);
+    auth.check()?;
+    Ok(auth)
 }
 
 async fn run_orchestrator(args: OrchestratorArgs) -> anyhow::Result<()> {
+    // Configuration errors first, before waiting for the database.
+    let config = orchestrator_config(&args)?;
     let pool = connect(&args.db).await?;
     if args.migrate {
         shared::migrate::run(&pool).await.context("migrating")?;
     }
     let shutdown = shutdown_on_signals();
-    orchestrator::run(orchestrator_config(&args), pool.clone(), shutdown).await?;
+    orchestrator::run(config, pool.clone(), shutdown).await?;
     pool.close().await;
     Ok(())
 }

@@ -125,6 +125,26 @@ pub struct OrchestratorArgs {
     /// Delete finished tasks (and queue archives) older than this, hourly; unset keeps everything.
     #[arg(long, env = "WEFT_RETENTION", value_parser = duration)]
     pub retention: Option<Duration>,
+    /// API authentication: `on` needs a bearer token on every /v1 route but
+    /// /v1/openapi.json and refuses to start without tokens; `off` leaves the
+    /// API open (for a loopback-only address).
+    #[arg(long, env = "WEFT_AUTH", value_enum, default_value_t = AuthMode::On)]
+    pub auth: AuthMode,
+    /// File of API tokens, one `name:scope:sha256hex` per line (`#` comments);
+    /// scope is read, write or admin. Hash a token with: printf %s "$TOKEN" | sha256sum
+    #[arg(long, env = "WEFT_AUTH_TOKENS_FILE")]
+    pub auth_tokens_file: Option<std::path::PathBuf>,
+    /// API tokens as `name:scope:sha256hex` entries separated by `;`, in
+    /// addition to those of the file.
+    #[arg(long, env = "WEFT_AUTH_TOKENS", hide_env_values = true)]
+    pub auth_tokens: Option<String>,
+}
+
+/// Whether the API asks for bearer tokens.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum AuthMode {
+    On,
+    Off,
 }
 
 #[derive(Debug, Clone, Args)]

@@ -39,8 +39,17 @@ pub async fn run(args: DevArgs) -> anyhow::Result<ExitCode> {
     let templates = load_examples(&args.examples)?;
     let shutdown = cli::shutdown_on_signals();
     let tracker = TaskTracker::new();
+    if !args.http_addr.ip().is_loopback() {
+        eprintln!(
+            "warning: the API on {} is reachable from other machines and asks for no token \
+             (weft dev runs it with --auth off); use weft orchestrator with tokens instead",
+            args.http_addr
+        );
+    }
     let config = orchestrator::OrchestratorConfig {
         http_addr: Some(args.http_addr),
+        // Loopback by default, for one developer: no tokens to set up.
+        auth: orchestrator::Auth::Off,
         collector: orchestrator::CollectorConfig {
             poll_interval: Duration::from_secs(1),
             ..Default::default()

@@ -28,6 +28,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::info;
 
+pub use api::{Auth, Scope, Token};
 pub use collector::{Collector, CollectorConfig};
 pub use metrics::Metrics;
 pub use scheduler::{Scheduler, SchedulerConfig};
@@ -37,6 +38,9 @@ pub use scheduler::{Scheduler, SchedulerConfig};
 pub struct OrchestratorConfig {
     /// Where the REST API listens; `None` runs without it (tests, embedding).
     pub http_addr: Option<SocketAddr>,
+    /// Who may call the API. The default, on with no token, is refused at
+    /// startup when the API listens: configure tokens or choose `Auth::Off`.
+    pub auth: Auth,
     /// Result collector loops in this process.
     pub collectors: usize,
     pub collector: CollectorConfig,
@@ -50,6 +54,7 @@ impl Default for OrchestratorConfig {
     fn default() -> Self {
         Self {
             http_addr: None,
+            auth: Auth::default(),
             collectors: 2,
             collector: CollectorConfig::default(),
             scheduler: SchedulerConfig::default(),
@@ -71,6 +76,8 @@ pub enum Error {
     Serve(std::io::Error),
     #[error(transparent)]
     Store(#[from] store::StoreError),
+    #[error(transparent)]
+    Auth(#[from] api::AuthError),
 }
 
 /// Runs the orchestrator's loops (and its API when configured) until
@@ -81,13 +88,15 @@ pub async fn run(
     pool: PgPool,
     shutdown: CancellationToken,
 ) -> Result<(), Error> {
-    // Bind first: a port in use is a startup error, before any loop runs.
+    // Check and bind first: a locked-out API or a port in use is a startup
+    // error, before any loop runs.
     let listener = match config.http_addr {
-        Some(addr) => Some(
+        Some(addr) => Some({
+            config.auth.check()?;
             tokio::net::TcpListener::bind(addr)
                 .await
-                .map_err(|source| Error::Bind { addr, source })?,
-        ),
+                .map_err(|source| Error::Bind { addr, source })?
+        }),
         None => None,
     };
     // The loops stop on shutdown, or when the API server fails.
@@ -111,10 +120,11 @@ pub async fn run(
             if let Ok(addr) = listener.local_addr() {
                 info!(http.addr = %addr, "orchestrator API listening");
             }
-            let app = api::router(api::AppState {
+            let state = api::AppState {
                 pool: pool.clone(),
                 metrics: metrics.clone(),
-            });
+            };
+            let app = api::router(state, &config.auth);
             let graceful = stop.clone();
             axum::serve(listener, app)
                 .with_graceful_shutdown(async move { graceful.cancelled().await })

@@ -15,18 +15,36 @@ use super::procs::{Launcher, Proc, stop_all};
 use super::server::{Server, connect};
 
 /// Bench-only instrumentation, installed in a workload's database when it
-/// needs instants Weft does not store. It adds a row insert to the
+/// needs instants Weft does not store. Each adds one row insert to the
 /// transaction it observes and changes nothing else.
-///
-/// * `bench.results`: every result message as a worker sends it, with the
-///   handler's `started_at` (the worker's clock just before the handler is
-///   called) and the clock when the message was inserted. Its `xmin` is the
-///   worker's transaction, so with `track_commit_timestamp` the commit time
-///   of a result is `pg_xact_commit_timestamp(xmin)`.
-/// * `bench.retry_due`: for every attempt that went to `waiting_retry`, the
-///   `next_attempt_at` the engine chose (random with full jitter, so it
-///   cannot be recomputed afterwards).
-const INSTRUMENTATION: &str = "
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Instrument {
+    None,
+    /// `bench.results`: every result message as a worker sends it, with the
+    /// handler's `started_at` (the worker's clock just before the handler
+    /// is called) and the clock when the message was inserted. Its `xmin`
+    /// is the worker's transaction, so with `track_commit_timestamp` the
+    /// commit time of a result is `pg_xact_commit_timestamp(xmin)`. One
+    /// statement-level trigger call per batch of results a worker commits.
+    Results,
+    /// `bench.retry_due`: for every attempt that went to `waiting_retry`,
+    /// the `next_attempt_at` the engine chose (random with full jitter, so
+    /// it cannot be recomputed afterwards). A row trigger whose WHEN clause
+    /// leaves every other transition alone.
+    RetryDue,
+}
+
+impl Instrument {
+    fn sql(self) -> &'static str {
+        match self {
+            Instrument::None => "",
+            Instrument::Results => RESULTS,
+            Instrument::RetryDue => RETRY_DUE,
+        }
+    }
+}
+
+const RESULTS: &str = "
 create schema bench;
 create table bench.results (
     step_id uuid not null,
@@ -48,18 +66,20 @@ end
 $$;
 create trigger bench_log_results after insert on pgmq.q_weft_results
     referencing new table as new_rows for each statement execute function bench.log_results();
+";
+
+const RETRY_DUE: &str = "
+create schema bench;
 create table bench.retry_due (step_id uuid not null, attempt integer not null, due timestamptz not null);
 create function bench.log_retry_due() returns trigger language plpgsql as $$
 begin
     insert into bench.retry_due (step_id, attempt, due)
-    select n.step_id, n.attempt, s.next_attempt_at
-    from new_rows n join weft.steps s on s.id = n.step_id
-    where n.to_state = 'waiting_retry';
+    select new.step_id, new.attempt, s.next_attempt_at from weft.steps s where s.id = new.step_id;
     return null;
 end
 $$;
 create trigger bench_log_retry_due after insert on weft.step_transitions
-    referencing new table as new_rows for each statement execute function bench.log_retry_due();
+    for each row when (new.to_state = 'waiting_retry') execute function bench.log_retry_due();
 ";
 
 /// The processes and database of one workload run.
@@ -87,12 +107,12 @@ impl<'a> Fleet<'a> {
         suffix: &str,
         templates: &[Value],
         workers: usize,
-        instrument: bool,
+        instrument: Instrument,
     ) -> anyhow::Result<Fleet<'a>> {
         let (db, url) = server.fresh(suffix).await?;
         let pool = connect(&url, 4).await?;
-        if instrument {
-            sqlx::raw_sql(INSTRUMENTATION).execute(&pool).await?;
+        if instrument != Instrument::None {
+            sqlx::raw_sql(instrument.sql()).execute(&pool).await?;
         }
         // Before the workers start, so their namespace's queue exists.
         register(&pool, templates).await?;

@@ -9,7 +9,7 @@ use serde_json::{Value, json};
 use tokio::sync::Semaphore;
 use uuid::Uuid;
 
-use super::fleet::{Fleet, create_batch, register};
+use super::fleet::{Fleet, Instrument, create_batch, register};
 use super::procs::{Launcher, cpu_ticks, ticks_per_second};
 use super::server::{Server, connect};
 use super::{Measured, Sizes};
@@ -31,7 +31,7 @@ impl Ctx<'_> {
         suffix: &str,
         templates: &[Value],
         workers: usize,
-        instrument: bool,
+        instrument: Instrument,
     ) -> anyhow::Result<Fleet<'_>> {
         Fleet::start(
             self.server,
@@ -157,7 +157,7 @@ pub async fn w1(ctx: &Ctx<'_>) -> anyhow::Result<Measured> {
                 &format!("w1_{key}"),
                 &[one()],
                 if streaming { workers } else { 0 },
-                false,
+                Instrument::None,
             )
             .await?;
         let first_submit = Utc::now();
@@ -219,7 +219,9 @@ async fn sequential(
 ) -> anyhow::Result<Measured> {
     let mut out = Measured::default();
     let name = template["name"].as_str().unwrap_or_default().to_owned();
-    let fleet = ctx.fleet(suffix, &[template], 1, true).await?;
+    let fleet = ctx
+        .fleet(suffix, &[template], 1, Instrument::Results)
+        .await?;
     // Warm-up tasks (not measured): connections, prepared statements, listeners.
     for i in 0..ctx.sizes.warmup {
         let id = fleet.create(&name, json!({ "warmup": i })).await?;
@@ -259,7 +261,9 @@ pub async fn w3(ctx: &Ctx<'_>) -> anyhow::Result<Measured> {
 pub async fn w4(ctx: &Ctx<'_>) -> anyhow::Result<Measured> {
     let width = ctx.sizes.w4_width;
     let mut out = Measured::default();
-    let fleet = ctx.fleet("w4", &[one(), fan(width)], 1, false).await?;
+    let fleet = ctx
+        .fleet("w4", &[one(), fan(width)], 1, Instrument::None)
+        .await?;
     let warm = fleet.create("one", json!({})).await?;
     fleet.wait_task(warm, Duration::from_secs(60)).await?;
     let id = fleet.create("fan", json!({})).await?;
@@ -400,7 +404,7 @@ async fn w5_level(
 ) -> anyhow::Result<(Value, Measured, bool, i64)> {
     let mut out = Measured::default();
     let fleet = ctx
-        .fleet(&format!("w5_r{rate}"), &[dag5()], 1, true)
+        .fleet(&format!("w5_r{rate}"), &[dag5()], 1, Instrument::Results)
         .await?;
     eprintln!("bench: W5 at {rate} tasks/s ({n} tasks)");
 
@@ -543,7 +547,7 @@ fn round2(x: f64) -> f64 {
 pub async fn w6(ctx: &Ctx<'_>) -> anyhow::Result<Measured> {
     let n = ctx.sizes.w6_tasks;
     let mut out = Measured::default();
-    let fleet = ctx.fleet("w6", &[flaky()], 1, true).await?;
+    let fleet = ctx.fleet("w6", &[flaky()], 1, Instrument::RetryDue).await?;
     let first_submit = Utc::now();
     fleet.create_many("flaky", n).await?;
     let finished = fleet.wait_all(patience(n, 10.0)).await?;

@@ -26,6 +26,7 @@ pub struct Fleet {
 pub fn orchestrator_config() -> orchestrator::OrchestratorConfig {
     orchestrator::OrchestratorConfig {
         http_addr: None,
+        auth: orchestrator::Auth::Off,
         collectors: 2,
         collector: orchestrator::CollectorConfig {
             poll_interval: Duration::from_millis(500),
@@ -226,6 +227,7 @@ impl Proc {
             .env("WEFT_LEASE", "5s")
             .env("WEFT_RESULT_LEASE", "5s")
             .env("WEFT_MIGRATE", "false")
+            .env("WEFT_AUTH", "off")
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::inherit())

@@ -9,6 +9,7 @@
 mod fleet;
 mod support;
 
+mod api;
 mod bench;
 mod chaos;
 mod cli;

@@ -247,6 +247,13 @@ async fn insert_cases(pool: &PgPool, now: DateTime<Utc>) -> Vec<Case> {
             insert_rows(pool, template_id, on_failure, now, &tasks, &steps, &edges).await;
         }
     }
+    // A bulk load this size needs statistics before it is queried, as
+    // autovacuum would provide in production; without them the planner
+    // picks nested loops over hundreds of thousands of rows.
+    sqlx::query("analyze weft.tasks, weft.steps, weft.step_edges")
+        .execute(pool)
+        .await
+        .unwrap();
     cases
 }
 
