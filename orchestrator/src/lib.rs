@@ -105,10 +105,22 @@ pub async fn run(
     let tracker = TaskTracker::new();
     for _ in 0..config.collectors.max(1) {
         let collector = Collector::new(pool.clone(), config.collector.clone(), metrics.clone());
-        tracker.spawn(collector.run(stop.clone()));
+        let running = metrics.loop_running();
+        let collector_stop = stop.clone();
+        tracker.spawn(async move {
+            let _running = running;
+            collector.run(collector_stop).await
+        });
     }
     let scheduler = Scheduler::new(pool.clone(), config.scheduler.clone(), metrics.clone());
-    tracker.spawn(scheduler.run(stop.clone()));
+    let running = metrics.loop_running();
+    let scheduler_stop = stop.clone();
+    tracker.spawn(async move {
+        let _running = running;
+        scheduler.run(scheduler_stop).await
+    });
+    // Readiness requires every collector and the scheduler to be running.
+    metrics.expect_loops(config.collectors.max(1) as u64 + 1);
     metrics.watch_pool(pool.clone());
     let monitor =
         monitor::QueueMonitor::new(pool.clone(), config.metrics_interval, metrics.clone());

@@ -18,6 +18,9 @@ struct Counters {
     tasks_error: AtomicU64,
     tasks_cancelled: AtomicU64,
     db_errors: AtomicU64,
+    /// Background loops started and not yet stopped, and how many there should be.
+    loops_running: AtomicU64,
+    loops_expected: AtomicU64,
     /// The latest queue snapshot, refreshed by the `QueueMonitor`.
     queues: Mutex<Vec<QueueStats>>,
     /// The process's pool, for its gauges.
@@ -53,6 +56,23 @@ impl Metrics {
 
     pub fn db_error(&self) {
         self.0.db_errors.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Declares how many background loops this process runs.
+    pub fn expect_loops(&self, n: u64) {
+        self.0.loops_expected.store(n, Ordering::Relaxed);
+    }
+
+    /// Marks a loop running until the guard drops (when the loop returns or panics).
+    pub fn loop_running(&self) -> LoopGuard {
+        self.0.loops_running.fetch_add(1, Ordering::Relaxed);
+        LoopGuard(self.clone())
+    }
+
+    /// Whether every expected loop is running: half of readiness.
+    pub fn loops_healthy(&self) -> bool {
+        self.0.loops_running.load(Ordering::Relaxed)
+            >= self.0.loops_expected.load(Ordering::Relaxed)
     }
 
     /// Replaces the queue snapshot.
@@ -156,5 +176,36 @@ impl Metrics {
             );
         }
         out
+    }
+}
+
+/// Held by a running loop; see [`Metrics::loop_running`].
+#[derive(Debug)]
+pub struct LoopGuard(Metrics);
+
+impl Drop for LoopGuard {
+    fn drop(&mut self) {
+        self.0.0.loops_running.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn readiness_needs_every_loop_running() {
+        let metrics = Metrics::default();
+        metrics.expect_loops(2);
+        let first = metrics.loop_running();
+        assert!(!metrics.loops_healthy());
+        let second = metrics.loop_running();
+        assert!(metrics.loops_healthy());
+        drop(second);
+        assert!(
+            !metrics.loops_healthy(),
+            "a stopped (or panicked) loop makes the process not ready"
+        );
+        drop(first);
     }
 }

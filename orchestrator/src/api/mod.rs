@@ -235,7 +235,15 @@ async fn openapi_json(Extension(OpenApiJson(json)): Extension<OpenApiJson>) -> R
         .into_response()
 }
 
+/// Ready: every background loop is running and the database answers.
 async fn ready(State(state): State<AppState>) -> Response {
+    if !state.metrics.loops_healthy() {
+        return (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "background loops not running",
+        )
+            .into_response();
+    }
     match sqlx::query("select 1").execute(&state.pool).await {
         Ok(_) => (StatusCode::OK, "ready").into_response(),
         Err(_) => (StatusCode::SERVICE_UNAVAILABLE, "database unreachable").into_response(),
