@@ -161,7 +161,7 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<ExitCode> {
         "runs": runs,
         "smoke": args.smoke,
         "scale": args.scale,
-        "orchestrator_flags": [["--poll-interval", "5s"], args.orchestrator_args],
+        "orchestrator_flags": [["--poll-interval", "5s", "--auth", "off"], args.orchestrator_args],
         "worker_flags": [["--concurrency", launcher.concurrency.to_string()], ["--poll-interval", "5s"], args.worker_args],
         "commit_timestamps": server.commit_ts,
         "db_settings": args.db_settings,

@@ -48,6 +48,9 @@ impl Launcher {
             "false".to_owned(),
             "--poll-interval".to_owned(),
             "5s".to_owned(),
+            // The API listens on 127.0.0.1 only, for the benchmark's client.
+            "--auth".to_owned(),
+            "off".to_owned(),
         ];
         args.extend(self.orchestrator_args.iter().cloned());
         self.spawn("orchestrator", addr, &args, url, name).await
