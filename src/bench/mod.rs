@@ -166,6 +166,7 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<ExitCode> {
         "commit_timestamps": server.commit_ts,
         "db_settings": args.db_settings,
         "load_average_at_start": server::load_average(),
+        "source_tree": source_tree(),
     });
     println!(
         "{}",
@@ -183,14 +184,20 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<ExitCode> {
     for round in 1..=runs {
         for id in &selected {
             let load = server::load_average();
+            // The disk decides durable commits, and neighbours' I/O moves it
+            // a lot on shared machines: note what it was before each run.
+            let commit_ms = server.commit_probe().await.ok();
             eprintln!(
-                "bench: {id} run {round}/{runs} (load average {})",
-                load.map_or("?".into(), |l| format!("{l:.2}"))
+                "bench: {id} run {round}/{runs} (load average {}, durable commit p50 {} ms)",
+                load.map_or("?".into(), |l| format!("{l:.2}")),
+                commit_ms.map_or("?".into(), |c| format!("{c:.2}"))
             );
             let start = Instant::now();
             match run_one(id, &ctx).await {
                 Ok(mut m) => {
                     m.info.insert("load_average_before".into(), json!(load));
+                    m.info
+                        .insert("commit_p50_ms_before".into(), json!(commit_ms));
                     m.info
                         .insert("wall_s".into(), json!(start.elapsed().as_secs_f64()));
                     eprintln!(
@@ -273,4 +280,28 @@ async fn run_one(id: &str, ctx: &workloads::Ctx<'_>) -> anyhow::Result<Measured>
         "W7" => workloads::w7(ctx).await,
         other => bail!("unknown workload {other}"),
     }
+}
+
+/// The commit of the source tree this binary was built in, when it is
+/// still there (`+dirty` when it has uncommitted changes).
+fn source_tree() -> Option<String> {
+    let dir = env!("CARGO_MANIFEST_DIR");
+    let git = |args: &[&str]| {
+        std::process::Command::new("git")
+            .arg("-C")
+            .arg(dir)
+            .args(args)
+            .output()
+            .ok()
+            .filter(|o| o.status.success())
+            .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned())
+    };
+    let commit = git(&["rev-parse", "--short", "HEAD"])?;
+    let dirty =
+        git(&["status", "--porcelain", "--untracked-files=no"]).is_some_and(|s| !s.is_empty());
+    Some(if dirty {
+        format!("{commit}+dirty")
+    } else {
+        commit
+    })
 }

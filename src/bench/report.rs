@@ -463,6 +463,17 @@ const HEADLINES: &[(&str, &str, &str)] = &[
     ("W0", "step_p99_ms", "1 client, ms per step (p99)"),
     ("W0", "parallel_steps_per_s", "U: 4 clients, steps/s"),
     (
+        "W0",
+        "commit_p50_ms",
+        "one durable commit (1-row insert), p50 ms",
+    ),
+    ("W0", "select_p50_ms", "one `select 1`, p50 ms"),
+    (
+        "W0",
+        "step_reads_no_flush_wait_p50_ms",
+        "what-if: L with each pgmq.read not waiting for its WAL flush, ms",
+    ),
+    (
         "W1",
         "stream_1w_submit_p50_ms",
         "streaming: one POST /v1/tasks, p50 ms",
@@ -573,6 +584,22 @@ pub fn markdown(
             );
         }
     }
+    let probes: Vec<String> = aggregates
+        .iter()
+        .map(|a| {
+            let per_run: Vec<String> = a
+                .info
+                .iter()
+                .map(|i| i["commit_p50_ms_before"].as_f64().map_or("?".into(), num))
+                .collect();
+            format!("{} [{}]", a.id, per_run.join(", "))
+        })
+        .collect();
+    let _ = writeln!(
+        s,
+        "Durable commit p50 (ms) measured right before each run: {}.\n",
+        probes.join("; ")
+    );
     let _ = writeln!(s, "| workload | target | measured | limit | verdict |");
     let _ = writeln!(s, "|---|---|---|---|---|");
     for t in targets {

@@ -154,6 +154,21 @@ impl Server {
         self.admin.close().await;
     }
 
+    /// Median ms of 50 durable commits: each transaction takes a
+    /// transaction id, so its commit record is flushed before it returns.
+    pub async fn commit_probe(&self) -> anyhow::Result<f64> {
+        let mut conn = self.admin.acquire().await?;
+        let mut ms = Vec::with_capacity(50);
+        for _ in 0..50 {
+            let start = std::time::Instant::now();
+            sqlx::query("select pg_current_xact_id()")
+                .execute(&mut *conn)
+                .await?;
+            ms.push(start.elapsed().as_secs_f64() * 1e3);
+        }
+        super::stats::median(&ms).context("no probe")
+    }
+
     /// Committed plus rolled-back transactions of a database so far.
     pub async fn transactions(&self, database: &str) -> anyhow::Result<i64> {
         // A fresh snapshot: this session would otherwise reuse cached stats.
