@@ -1,5 +1,6 @@
 //! The `Collector`: consumes the result queue, applies results with fencing,
-//! enqueues what became ready and finalizes tasks, one transaction per batch.
+//! enqueues what became ready and finalizes tasks: one statement (one round
+//! trip, one transaction) per batch, `weft.collect_results`.
 
 use std::time::Duration;
 
@@ -7,7 +8,6 @@ use serde_json::Value;
 use sqlx::PgPool;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
-use uuid::Uuid;
 
 use shared::message::ResultMessage;
 use shared::queue::{self, QueueMessage, QueueName};
@@ -104,8 +104,9 @@ impl Collector {
             .map(|m| (m, ResultMessage::decode(&m.message)))
             .partition(|(_, r)| r.is_ok());
 
-        let mut tx = self.pool.begin().await?;
         if !bad.is_empty() {
+            // Rare: dead-letter the undecodable ones on their own, so the
+            // good ones still go through in one statement.
             let dead: Vec<Value> = bad
                 .iter()
                 .map(|(m, e)| {
@@ -121,37 +122,36 @@ impl Collector {
             for (m, e) in &bad {
                 warn!(msg_id = m.msg_id, error = ?e.as_ref().err(), "malformed result message dead-lettered");
             }
+            let ids: Vec<i64> = bad.iter().map(|(m, _)| m.msg_id).collect();
+            let mut tx = self.pool.begin().await?;
             queue::send_batch(&mut *tx, &QueueName::results_dead_letters(), &dead).await?;
+            queue::delete_batch(&mut *tx, &results, &ids).await?;
+            tx.commit().await?;
             done.malformed = bad.len();
         }
-        let decoded: Vec<ResultMessage> = good.into_iter().filter_map(|(_, r)| r.ok()).collect();
+        let (ids, decoded): (Vec<i64>, Vec<ResultMessage>) = good
+            .into_iter()
+            .filter_map(|(m, r)| r.ok().map(|r| (m.msg_id, r)))
+            .unzip();
         if !decoded.is_empty() {
             let payload = Value::Array(decoded.iter().map(ResultMessage::to_value).collect());
-            let applied = store::apply_results(&mut *tx, &payload).await?;
-            for (result, a) in decoded.iter().zip(&applied) {
+            let batch = store::collect_results(&self.pool, &payload, &ids).await?;
+            for (result, a) in decoded.iter().zip(&batch.applied) {
                 crate::spans::applied(result, &a.outcome);
             }
-            done.stale = applied.iter().filter(|a| a.is_stale()).count();
-            done.applied = applied.len() - done.stale;
-            for a in applied.iter().filter(|a| a.is_stale()) {
+            done.stale = batch.applied.iter().filter(|a| a.is_stale()).count();
+            done.applied = batch.applied.len() - done.stale;
+            for a in batch.applied.iter().filter(|a| a.is_stale()) {
                 debug!(step.id = %a.step_id, attempt = a.attempt, "stale result dropped");
             }
-            let mut task_ids: Vec<Uuid> = decoded.iter().map(|r| r.task_id.0).collect();
-            task_ids.sort_unstable();
-            task_ids.dedup();
-            let enqueued = store::enqueue_ready_steps(&mut *tx, &task_ids).await?;
-            crate::spans::enqueued(&enqueued);
-            done.enqueued = enqueued.len();
-            let finalized = store::finalize_tasks(&mut *tx, &task_ids).await?;
-            for f in finalized.iter().filter(|f| f.finalized) {
+            crate::spans::enqueued(&batch.enqueued);
+            done.enqueued = batch.enqueued.len();
+            for f in batch.finalized.iter().filter(|f| f.finalized) {
                 info!(task.id = %f.task_id, state = %f.state, "task finished");
                 self.metrics.task_finished(f.state);
             }
-            done.finalized = finalized.iter().filter(|f| f.finalized).count();
+            done.finalized = batch.finalized.iter().filter(|f| f.finalized).count();
         }
-        let ids: Vec<i64> = messages.iter().map(|m| m.msg_id).collect();
-        queue::delete_batch(&mut *tx, &results, &ids).await?;
-        tx.commit().await?;
         self.metrics.results(
             done.applied as u64,
             done.stale as u64,

@@ -4,7 +4,7 @@
 //! HTTP handlers contain no SQL text.
 
 use chrono::{DateTime, Utc};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use sqlx::{PgConnection, PgExecutor};
 use uuid::Uuid;
@@ -149,16 +149,26 @@ pub struct NewTask {
     pub trace_context: Option<Value>,
 }
 
-/// Inserts tasks with their steps and edges (a handful of set-based
-/// statements whatever the number of tasks). The caller then enqueues their
-/// root steps with [`enqueue_ready_steps`] in the same transaction. Tasks
-/// whose idempotency key is already taken are skipped and reported, so the
+/// What [`create_tasks`] did.
+#[derive(Debug, Clone, Deserialize)]
+pub struct CreatedTasks {
+    /// The tasks inserted; a task whose idempotency key was already taken
+    /// is not among them.
+    pub inserted: Vec<TaskId>,
+    /// Their root steps, enqueued.
+    pub enqueued: Vec<Enqueued>,
+}
+
+/// Inserts tasks of one template with their steps and edges and enqueues
+/// their root steps, in one statement (`weft.create_tasks`): one round trip
+/// whatever the number of tasks, atomic on its own. Tasks whose idempotency
+/// key is already taken are skipped and left out of `inserted`, so the
 /// caller can return the existing task.
-pub async fn insert_tasks(
-    conn: &mut PgConnection,
+pub async fn create_tasks(
+    executor: impl PgExecutor<'_>,
     template: &Template,
     tasks: &[NewTask],
-) -> Result<Vec<TaskId>, StoreError> {
+) -> Result<CreatedTasks, StoreError> {
     let mut task_ids = Vec::with_capacity(tasks.len());
     let mut template_ids = Vec::with_capacity(tasks.len());
     let mut inputs = Vec::with_capacity(tasks.len());
@@ -175,46 +185,26 @@ pub async fn insert_tasks(
         request_hashes.push(task.request_hash.clone());
         traces.push(task.trace_context.clone());
     }
-    let inserted: Vec<Uuid> = sqlx::query_scalar(
-        "insert into weft.tasks (id, template_id, namespace, on_failure, input, priority,
-                                 idempotency_key_hash, request_hash, trace_context)
-         select t.id, t.template_id, $8, $9, t.input, t.priority, t.key_hash, t.request_hash, t.trace
-         from unnest($1::uuid[], $2::bigint[], $3::jsonb[], $4::int[], $5::text[], $6::text[], $7::jsonb[])
-              as t(id, template_id, input, priority, key_hash, request_hash, trace)
-         on conflict (namespace, idempotency_key_hash) where idempotency_key_hash is not null do nothing
-         returning id",
-    )
-    .bind(&task_ids)
-    .bind(&template_ids)
-    .bind(&inputs)
-    .bind(&priorities)
-    .bind(&key_hashes)
-    .bind(&request_hashes)
-    .bind(&traces)
-    .bind(template.namespace.as_str())
-    .bind(template.on_failure.as_str())
-    .fetch_all(&mut *conn)
-    .await?;
 
     // Steps: ids are generated here so edges can name them.
-    let n = template.steps.len();
-    let mut step_task = Vec::with_capacity(inserted.len() * n);
-    let mut step_ids = Vec::with_capacity(inserted.len() * n);
-    let mut positions = Vec::with_capacity(inserted.len() * n);
-    let mut names = Vec::with_capacity(inserted.len() * n);
-    let mut handlers = Vec::with_capacity(inserted.len() * n);
-    let mut configs = Vec::with_capacity(inserted.len() * n);
-    let mut max_attempts = Vec::with_capacity(inserted.len() * n);
-    let mut timeouts = Vec::with_capacity(inserted.len() * n);
-    let mut initials = Vec::with_capacity(inserted.len() * n);
-    let mut maxes = Vec::with_capacity(inserted.len() * n);
-    let mut multipliers = Vec::with_capacity(inserted.len() * n);
-    let mut jitters = Vec::with_capacity(inserted.len() * n);
+    let n = template.steps.len() * tasks.len();
+    let mut step_task = Vec::with_capacity(n);
+    let mut step_ids = Vec::with_capacity(n);
+    let mut positions = Vec::with_capacity(n);
+    let mut names = Vec::with_capacity(n);
+    let mut handlers = Vec::with_capacity(n);
+    let mut configs = Vec::with_capacity(n);
+    let mut max_attempts = Vec::with_capacity(n);
+    let mut timeouts = Vec::with_capacity(n);
+    let mut initials = Vec::with_capacity(n);
+    let mut maxes = Vec::with_capacity(n);
+    let mut multipliers = Vec::with_capacity(n);
+    let mut jitters = Vec::with_capacity(n);
     let mut edge_task = Vec::new();
     let mut edge_step = Vec::new();
     let mut edge_dep = Vec::new();
-    for task_id in &inserted {
-        let ids: Vec<Uuid> = (0..n).map(|_| Uuid::now_v7()).collect();
+    for task_id in &task_ids {
+        let ids: Vec<Uuid> = (0..template.steps.len()).map(|_| Uuid::now_v7()).collect();
         for (position, step) in template.steps.iter().enumerate() {
             step_task.push(*task_id);
             step_ids.push(ids[position]);
@@ -237,12 +227,19 @@ pub async fn insert_tasks(
             }
         }
     }
-    sqlx::query(
-        "insert into weft.steps (id, task_id, position, name, handler, config, max_attempts, timeout_ms,
-                                 backoff_initial_ms, backoff_max_ms, backoff_multiplier, backoff_jitter)
-         select * from unnest($1::uuid[], $2::uuid[], $3::int[], $4::text[], $5::text[], $6::jsonb[],
-                              $7::int[], $8::int[], $9::int[], $10::int[], $11::float8[], $12::text[])",
+    let sqlx::types::Json(created) = sqlx::query_scalar(
+        "select weft.create_tasks($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14,
+                                  $15, $16, $17, $18, $19, $20, $21, $22, $23, $24)",
     )
+    .bind(template.namespace.as_str())
+    .bind(template.on_failure.as_str())
+    .bind(&task_ids)
+    .bind(&template_ids)
+    .bind(&inputs)
+    .bind(&priorities)
+    .bind(&key_hashes)
+    .bind(&request_hashes)
+    .bind(&traces)
     .bind(&step_ids)
     .bind(&step_task)
     .bind(&positions)
@@ -255,27 +252,12 @@ pub async fn insert_tasks(
     .bind(&maxes)
     .bind(&multipliers)
     .bind(&jitters)
-    .execute(&mut *conn)
+    .bind(&edge_task)
+    .bind(&edge_step)
+    .bind(&edge_dep)
+    .fetch_one(executor)
     .await?;
-    if !edge_step.is_empty() {
-        sqlx::query(
-            "insert into weft.step_edges (task_id, step_id, depends_on)
-             select * from unnest($1::uuid[], $2::uuid[], $3::uuid[])",
-        )
-        .bind(&edge_task)
-        .bind(&edge_step)
-        .bind(&edge_dep)
-        .execute(&mut *conn)
-        .await?;
-    }
-    sqlx::query(
-        "insert into weft.task_transitions (task_id, from_state, to_state, reason)
-         select id, null, 'pending', 'created' from unnest($1::uuid[]) as t(id)",
-    )
-    .bind(&inserted)
-    .execute(&mut *conn)
-    .await?;
-    Ok(inserted.into_iter().map(TaskId).collect())
+    Ok(created)
 }
 
 fn millis_i32(d: std::time::Duration) -> i32 {
@@ -299,7 +281,7 @@ pub async fn find_by_idempotency_key(
 }
 
 /// A step that was enqueued: its message is on the queue.
-#[derive(Debug, Clone, sqlx::FromRow)]
+#[derive(Debug, Clone, sqlx::FromRow, Deserialize)]
 pub struct Enqueued {
     pub task_id: Uuid,
     pub step_id: Uuid,
@@ -336,7 +318,7 @@ pub async fn enqueue_ready_steps_forcing(
 }
 
 /// What applying one result did.
-#[derive(Debug, Clone, sqlx::FromRow)]
+#[derive(Debug, Clone, sqlx::FromRow, Deserialize)]
 pub struct Applied {
     pub step_id: Uuid,
     pub attempt: i32,
@@ -365,7 +347,7 @@ pub async fn apply_results(
 }
 
 /// A task's state after evaluation.
-#[derive(Debug, Clone, sqlx::FromRow)]
+#[derive(Debug, Clone, sqlx::FromRow, Deserialize)]
 pub struct Finalized {
     pub task_id: Uuid,
     pub state: TaskState,
@@ -385,6 +367,32 @@ pub async fn finalize_tasks(
     .bind(task_ids)
     .fetch_all(executor)
     .await?)
+}
+
+/// What one collector batch did, in [`collect_results`]'s one statement.
+#[derive(Debug, Clone, Deserialize)]
+pub struct CollectedBatch {
+    /// One per result, in the order given.
+    pub applied: Vec<Applied>,
+    pub enqueued: Vec<Enqueued>,
+    /// One per task the results touched.
+    pub finalized: Vec<Finalized>,
+}
+
+/// Applies decoded results, enqueues what became ready, finalizes their
+/// tasks and deletes the result messages `msg_ids`, in one statement: one
+/// round trip, and atomic without an explicit transaction.
+pub async fn collect_results(
+    executor: impl PgExecutor<'_>,
+    results: &Value,
+    msg_ids: &[i64],
+) -> Result<CollectedBatch, StoreError> {
+    let sqlx::types::Json(batch) = sqlx::query_scalar("select weft.collect_results($1, $2)")
+        .bind(results)
+        .bind(msg_ids)
+        .fetch_one(executor)
+        .await?;
+    Ok(batch)
 }
 
 /// Locks up to `limit` tasks with a retry due now, skipping tasks another

@@ -1,5 +1,5 @@
 //! Task creation: resolve the template, insert the task and its steps, and
-//! enqueue its root steps, all in one transaction.
+//! enqueue its root steps, all in one transaction (one statement when it can).
 
 use serde_json::Value;
 use sqlx::PgPool;
@@ -35,50 +35,33 @@ impl Created {
     }
 }
 
-/// Creates many tasks of one template in one transaction. Returns, in order,
+/// Creates many tasks in one transaction: all or none. Returns, in order,
 /// what happened to each.
 pub async fn create_tasks(
     pool: &PgPool,
     requests: &[CreateTask],
 ) -> Result<Vec<Created>, StoreError> {
+    let groups = template_groups(requests);
+    // The common case, one template and no idempotency keys: nothing can be
+    // skipped, so the one statement that creates the tasks is the whole
+    // transaction (two round trips in all, with the template lookup).
+    if let [group] = groups.as_slice()
+        && group.iter().all(|r| r.idempotency_key_hash.is_none())
+    {
+        let (template, new_tasks) = prepare(pool, group).await?;
+        let created = store::create_tasks(pool, &template, &new_tasks).await?;
+        crate::spans::enqueued(&created.enqueued);
+        return Ok(new_tasks.iter().map(|t| Created::New(t.id)).collect());
+    }
     let mut tx = pool.begin().await?;
     let mut out = Vec::with_capacity(requests.len());
-    // Group consecutive requests of the same template so bulk creation is a
-    // handful of statements, not a round trip per task.
-    let mut start = 0;
-    while start < requests.len() {
-        let first = &requests[start];
-        let end = requests[start..]
-            .iter()
-            .position(|r| {
-                (r.namespace.as_str(), r.name.as_str(), r.version)
-                    != (first.namespace.as_str(), first.name.as_str(), first.version)
-            })
-            .map_or(requests.len(), |offset| start + offset);
-        let record =
-            store::find_template(&mut *tx, &first.namespace, &first.name, first.version).await?;
-        let template = store::parse_definition(&record)?;
-        let group = &requests[start..end];
-        let new_tasks: Vec<NewTask> = group
-            .iter()
-            .map(|r| {
-                let id = TaskId::new();
-                NewTask {
-                    id,
-                    template_id: record.id,
-                    input: r.input.clone(),
-                    priority: r.priority,
-                    idempotency_key_hash: r.idempotency_key_hash.clone(),
-                    request_hash: r.request_hash.clone(),
-                    trace_context: crate::spans::task_created(&id, &first.namespace, &first.name),
-                }
-            })
-            .collect();
-        let inserted = store::insert_tasks(&mut tx, &template, &new_tasks).await?;
-        let inserted_ids: Vec<uuid::Uuid> = inserted.iter().map(|id| id.0).collect();
-        crate::spans::enqueued(&store::enqueue_ready_steps(&mut *tx, &inserted_ids).await?);
+    for group in groups {
+        let first = &group[0];
+        let (template, new_tasks) = prepare(&mut *tx, group).await?;
+        let created = store::create_tasks(&mut *tx, &template, &new_tasks).await?;
+        crate::spans::enqueued(&created.enqueued);
         for (request, task) in group.iter().zip(&new_tasks) {
-            if inserted.contains(&task.id) {
+            if created.inserted.contains(&task.id) {
                 out.push(Created::New(task.id));
                 continue;
             }
@@ -91,10 +74,54 @@ pub async fn create_tasks(
                 None => return Err(StoreError::IdempotencyConflict),
             }
         }
-        start = end;
     }
     tx.commit().await?;
     Ok(out)
+}
+
+/// Consecutive requests of the same template, so bulk creation is one
+/// statement per template, not a round trip per task.
+fn template_groups(requests: &[CreateTask]) -> Vec<&[CreateTask]> {
+    let mut groups = Vec::new();
+    let mut rest = requests;
+    while let Some(first) = rest.first() {
+        let key = |r: &CreateTask| (r.namespace.clone(), r.name.clone(), r.version);
+        let len = rest
+            .iter()
+            .position(|r| key(r) != key(first))
+            .unwrap_or(rest.len());
+        let (group, tail) = rest.split_at(len);
+        groups.push(group);
+        rest = tail;
+    }
+    groups
+}
+
+/// Resolves a group's template and gives each request its task id.
+async fn prepare(
+    executor: impl sqlx::PgExecutor<'_>,
+    group: &[CreateTask],
+) -> Result<(shared::template::Template, Vec<NewTask>), StoreError> {
+    let first = &group[0];
+    let record =
+        store::find_template(executor, &first.namespace, &first.name, first.version).await?;
+    let template = store::parse_definition(&record)?;
+    let new_tasks = group
+        .iter()
+        .map(|r| {
+            let id = TaskId::new();
+            NewTask {
+                id,
+                template_id: record.id,
+                input: r.input.clone(),
+                priority: r.priority,
+                idempotency_key_hash: r.idempotency_key_hash.clone(),
+                request_hash: r.request_hash.clone(),
+                trace_context: crate::spans::task_created(&id, &first.namespace, &first.name),
+            }
+        })
+        .collect();
+    Ok((template, new_tasks))
 }
 
 /// Creates one task.

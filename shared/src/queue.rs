@@ -152,6 +152,42 @@ pub async fn delete_batch(
         .await
 }
 
+/// A worker's usual completion in one statement (one round trip, atomic
+/// without an explicit transaction): deletes the step messages `msg_ids`
+/// from `steps` and sends `results` to `results_queue`, notifying its
+/// listeners when there are any. Returns how many step messages existed.
+pub async fn complete(
+    executor: impl PgExecutor<'_>,
+    steps: &QueueName,
+    msg_ids: &[i64],
+    results_queue: &QueueName,
+    results: &[Value],
+) -> Result<i64, sqlx::Error> {
+    let sql = format!(
+        "with deleted as (
+             delete from {} where msg_id = any($1) returning msg_id
+         ),
+         sent as (
+             insert into {} (vt, message)
+             select clock_timestamp(), m from unnest($2::jsonb[]) as u(m)
+             returning msg_id
+         )
+         select (select count(*) from deleted),
+                (select count(*) from sent),
+                (select count(*) from (select pg_notify($3, '')
+                                       where cardinality($2::jsonb[]) > 0) n)",
+        steps.table(),
+        results_queue.table()
+    );
+    let (deleted, _sent, _notified): (i64, i64, i64) = sqlx::query_as(&sql)
+        .bind(msg_ids)
+        .bind(results)
+        .bind(results_queue.channel())
+        .fetch_one(executor)
+        .await?;
+    Ok(deleted)
+}
+
 /// Extends the lease of messages by `lease_secs` from now; returns the ids
 /// that still exist (a missing id was withdrawn, for example by cancellation).
 pub async fn extend_lease(

@@ -114,17 +114,20 @@ impl Completer {
             .collect();
         let ids: Vec<i64> = batch.iter().map(Completion::msg_id).collect();
 
-        let mut tx = self.pool.begin().await?;
-        if !results.is_empty() {
-            queue::send_batch(&mut *tx, &self.results, &results).await?;
-        }
-        if !dead.is_empty() {
-            queue::send_batch(&mut *tx, &self.dead_letters, &dead).await?;
-        }
         // A message already gone (withdrawn, or redelivered and completed
         // elsewhere) deletes nothing; its result is sent anyway, and fenced.
-        let deleted = queue::delete_batch(&mut *tx, &self.steps, &ids).await?;
-        tx.commit().await?;
+        let deleted = if dead.is_empty() {
+            queue::complete(&self.pool, &self.steps, &ids, &self.results, &results).await?
+        } else {
+            let mut tx = self.pool.begin().await?;
+            if !results.is_empty() {
+                queue::send_batch(&mut *tx, &self.results, &results).await?;
+            }
+            queue::send_batch(&mut *tx, &self.dead_letters, &dead).await?;
+            let deleted = queue::delete_batch(&mut *tx, &self.steps, &ids).await?;
+            tx.commit().await?;
+            deleted.len() as i64
+        };
 
         self.state.db_ok();
         for completion in batch {
@@ -139,7 +142,7 @@ impl Completer {
         debug!(
             results = results.len(),
             dead_letters = dead.len(),
-            deleted = deleted.len(),
+            deleted,
             "steps completed"
         );
         Ok(())

@@ -135,10 +135,9 @@ impl From<store::StepRow> for Step {
 
 /// A task with its steps, as every task read returns it.
 pub async fn task_body(pool: &PgPool, id: TaskId) -> Result<Task, ApiError> {
-    let task = store::get_task(pool, id)
-        .await?
-        .ok_or_else(|| ApiError::NotFound(format!("task {id} not found")))?;
-    let steps = store::get_steps(pool, id).await?;
+    // Two connections at once: the view costs one round trip, not two.
+    let (task, steps) = tokio::try_join!(store::get_task(pool, id), store::get_steps(pool, id))?;
+    let task = task.ok_or_else(|| ApiError::NotFound(format!("task {id} not found")))?;
     Ok(Task {
         task: task.into(),
         steps: steps.into_iter().map(Into::into).collect(),
