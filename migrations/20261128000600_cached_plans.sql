@@ -148,14 +148,119 @@ end
 $$;
 
 
-alter function weft.apply_results(jsonb, timestamptz)
-    set plan_cache_mode = force_generic_plan;
-alter function weft.apply_results(jsonb, timestamptz)
-    set enable_seqscan = off;
-alter function weft.apply_results(jsonb, timestamptz)
-    set enable_hashjoin = off;
-alter function weft.apply_results(jsonb, timestamptz)
-    set enable_mergejoin = off;
+-- As in 20261128000300_engine.sql, set-based: one update, one insert of
+-- transitions and one of stale results for the whole batch instead of a
+-- loop of statements per result (0.4 ms per result, measured). Fencing is
+-- unchanged: a result applies only if its step is still `enqueued` at
+-- exactly its attempt, and of duplicates in one batch only the first.
+create or replace function weft.apply_results(p_results jsonb, p_now timestamptz default null)
+returns table (step_id uuid, attempt integer, outcome text)
+language plpgsql
+set plan_cache_mode = force_generic_plan
+set enable_seqscan = off
+set enable_hashjoin = off
+set enable_mergejoin = off
+as $$
+#variable_conflict use_column
+declare
+    v_now timestamptz;
+begin
+    perform 1 from weft.tasks t
+     where t.id in (select (x ->> 'task_id')::uuid from jsonb_array_elements(p_results) x)
+     order by t.id
+     for update;
+    -- Read the clock once the locks are held (see enqueue_ready_steps).
+    v_now := coalesce(p_now, clock_timestamp());
+
+    -- Any retryable result may schedule a retry: wake the retry schedulers,
+    -- whose earliest due time may have moved (a spurious wake-up is harmless).
+    if exists (select 1 from jsonb_array_elements(p_results) x where x ->> 'status' = 'retryable') then
+        perform pg_notify('weft_retries', '');
+    end if;
+
+    return query
+    with r as (
+        select *
+        from rows from (jsonb_to_recordset(p_results) as (
+                 task_id uuid, step_id uuid, attempt integer, status text,
+                 output jsonb, error jsonb, retry_after_ms bigint))
+             with ordinality as x(task_id, step_id, attempt, status, output, error,
+                                  retry_after_ms, ord)
+    ),
+    judged as (
+        select r.*, s.state as step_state, s.attempts as step_attempt,
+               coalesce(s.state = 'enqueued' and s.attempts = r.attempt, false)
+                   and r.ord = min(r.ord) over (partition by r.step_id, r.attempt) as fresh,
+               case
+                   when r.status = 'success' then 'complete'
+                   when r.status = 'retryable' and s.retryable
+                        and s.attempts - s.attempt_floor < s.max_attempts then 'waiting_retry'
+                   else 'error'
+               end as to_state,
+               case
+                   when r.status = 'retryable' and s.retryable
+                        and s.attempts - s.attempt_floor < s.max_attempts
+                   then weft.retry_delay_ms(s.attempts - s.attempt_floor, s.backoff_initial_ms,
+                                            s.backoff_max_ms, s.backoff_multiplier,
+                                            s.backoff_jitter, r.retry_after_ms, random())
+               end as delay_ms
+        from r
+        left join weft.steps s on s.id = r.step_id and s.task_id = r.task_id
+    ),
+    decided as (
+        select j.*,
+               case when j.error is not null then
+                   j.error || jsonb_build_object('attempt', j.attempt, 'at', v_now)
+                   || case when j.status = 'retryable' and j.to_state = 'error'
+                           then jsonb_build_object('retries_exhausted', true)
+                           else '{}'::jsonb end
+               end as detail,
+               -- What a later duplicate of an applied result finds: the
+               -- state the earlier one left (as a row-by-row loop would).
+               max(case when j.fresh then j.to_state end)
+                   over (partition by j.step_id order by j.ord
+                         rows between unbounded preceding and 1 preceding) as state_before
+        from judged j
+    ),
+    applied as (
+        update weft.steps s
+           set state = d.to_state,
+               output = case when d.to_state = 'complete' then d.output else s.output end,
+               last_error = case when d.to_state = 'complete' then s.last_error else d.detail end,
+               finished_at = case when d.to_state = 'waiting_retry' then s.finished_at else v_now end,
+               next_attempt_at = case when d.to_state = 'waiting_retry'
+                                      then v_now + make_interval(secs => d.delay_ms / 1000.0)
+                                      else s.next_attempt_at end,
+               msg_id = null,
+               retryable = case when d.to_state = 'error' then d.status = 'retryable'
+                                else s.retryable end
+          from decided d
+         where d.fresh and s.id = d.step_id
+    ),
+    recorded as (
+        insert into weft.step_transitions (task_id, step_id, attempt, from_state, to_state,
+                                           reason, detail, at)
+        select d.task_id, d.step_id, d.attempt, 'enqueued', d.to_state,
+               case d.status when 'success' then 'success'
+                             else coalesce(d.error ->> 'reason', d.status) end,
+               d.detail, v_now
+        from decided d
+        where d.fresh
+    ),
+    -- Fenced off: acknowledged, recorded for operators, never applied.
+    fenced as (
+        insert into weft.stale_results (task_id, step_id, attempt, step_state, step_attempt,
+                                        result, at)
+        select d.task_id, d.step_id, d.attempt, coalesce(d.state_before, d.step_state),
+               d.step_attempt, jsonb_build_object('status', d.status, 'error', d.error), v_now
+        from decided d
+        where not d.fresh
+    )
+    select d.step_id, d.attempt, case when d.fresh then d.to_state else 'stale' end
+    from decided d
+    order by d.ord;
+end
+$$;
 
 create or replace function weft.finalize_tasks(p_task_ids uuid[], p_now timestamptz default null)
 returns table (task_id uuid, state text, execution_status text, finalized boolean)
@@ -380,4 +485,57 @@ begin
 
     return jsonb_build_object('inserted', to_jsonb(v_inserted), 'enqueued', v_enqueued);
 end
+$$;
+
+-- As in 20261128000200_status_model.sql, but the next retry time comes from
+-- the same per-task scan as the counts. The correlated subquery it replaces
+-- could be planned as a walk of the due-retries index filtered by task,
+-- which reads every waiting retry of every task once per task evaluated.
+create or replace function weft.task_execution_context(p_task_ids uuid[], p_now timestamptz default null)
+returns table (
+    task_id uuid,
+    total_steps integer,
+    pending_steps integer,
+    enqueued_steps integer,
+    waiting_retry_steps integer,
+    complete_steps integer,
+    error_steps integer,
+    cancelled_steps integer,
+    resolved_steps integer,
+    ready_steps integer,
+    failed_steps integer,
+    retry_due_later_steps integer,
+    next_retry_at timestamptz,
+    execution_status text
+)
+language sql stable as $$
+    with counts as (
+        select r.task_id,
+               count(*)::int as total,
+               count(*) filter (where r.state = 'pending')::int as pending,
+               count(*) filter (where r.state = 'enqueued')::int as enqueued,
+               count(*) filter (where r.state = 'waiting_retry')::int as waiting_retry,
+               count(*) filter (where r.state = 'complete')::int as complete,
+               count(*) filter (where r.state = 'error')::int as error,
+               count(*) filter (where r.state = 'cancelled')::int as cancelled,
+               count(*) filter (where r.state = 'resolved')::int as resolved,
+               count(*) filter (where r.ready)::int as ready,
+               count(*) filter (where r.failed)::int as failed,
+               count(*) filter (where r.state = 'waiting_retry' and r.eligible
+                                  and not r.backoff_elapsed)::int as retry_later,
+               min(s.next_attempt_at) filter (where s.state = 'waiting_retry') as next_retry_at
+        from weft.step_readiness(p_task_ids, p_now) r
+        join weft.steps s on s.id = r.step_id
+        group by r.task_id
+    )
+    select c.task_id, c.total, c.pending, c.enqueued, c.waiting_retry, c.complete, c.error,
+           c.cancelled, c.resolved, c.ready, c.failed, c.retry_later, c.next_retry_at,
+           case
+               when c.failed > 0 then 'blocked_by_failures'
+               when c.ready > 0 then 'has_ready_steps'
+               when c.enqueued > 0 then 'processing'
+               when c.complete + c.resolved = c.total then 'all_complete'
+               else 'waiting_for_dependencies'
+           end
+    from counts c
 $$;
