@@ -352,9 +352,64 @@ begin
 end
 $$;
 
+-- One retry-scheduler iteration in one statement (one round trip, one
+-- implicit transaction): claim up to p_limit tasks with a retry due, enqueue
+-- their ready steps, finalize those of them that got nothing to run (a task
+-- with a step just enqueued cannot be finished), and say when the next retry
+-- falls due. Returns {claimed, enqueued: [{task_id, step_id, msg_id, trace}],
+-- finalized: [{task_id, state, execution_status, finalized}],
+-- next_due_in_s: seconds (negative when overdue, e.g. held by another
+-- orchestrator) or null when none is waiting}.
+create function weft.dispatch_due_retries(p_limit integer)
+returns jsonb
+language plpgsql
+set plan_cache_mode = force_generic_plan
+set enable_seqscan = off
+set enable_hashjoin = off
+set enable_mergejoin = off
+as $$
+declare
+    v_task_ids uuid[];
+    v_enqueued jsonb := '[]';
+    v_idle uuid[];
+    v_finalized jsonb := '[]';
+begin
+    select coalesce(array_agg(c.task_id), '{}')
+      into v_task_ids
+      from weft.claim_due_retry_tasks(clock_timestamp(), p_limit) c;
+
+    if cardinality(v_task_ids) > 0 then
+        with e as (select * from weft.enqueue_ready_steps(v_task_ids))
+        select coalesce(jsonb_agg(jsonb_build_object(
+                   'task_id', e.task_id, 'step_id', e.step_id, 'msg_id', e.msg_id,
+                   'trace', e.trace)), '[]'),
+               coalesce(array_agg(distinct e.task_id), '{}')
+          into v_enqueued, v_idle
+          from e;
+        -- v_idle holds the tasks that got a step; keep the others.
+        v_idle := array(select t from unnest(v_task_ids) t
+                         where t not in (select b from unnest(v_idle) b));
+        if cardinality(v_idle) > 0 then
+            select coalesce(jsonb_agg(jsonb_build_object(
+                       'task_id', f.task_id, 'state', f.state,
+                       'execution_status', f.execution_status, 'finalized', f.finalized)), '[]')
+              into v_finalized
+              from weft.finalize_tasks(v_idle) f;
+        end if;
+    end if;
+
+    return jsonb_build_object(
+        'claimed', cardinality(v_task_ids),
+        'enqueued', v_enqueued,
+        'finalized', v_finalized,
+        'next_due_in_s', extract(epoch from weft.next_retry_at() - clock_timestamp())::float8);
+end
+$$;
+
 -- One collector batch in one statement (so one round trip and one implicit
 -- transaction): apply the decoded results, enqueue what became ready,
--- finalize the tasks and delete the result messages. Returns what happened,
+-- finalize the touched tasks that got no step enqueued (the others cannot
+-- be finished) and delete the result messages. Returns what happened,
 -- as {applied: [{step_id, attempt, outcome}], enqueued: [{task_id, step_id,
 -- msg_id, trace}], finalized: [{task_id, state, execution_status, finalized}]}.
 create function weft.collect_results(p_results jsonb, p_msg_ids bigint[])
@@ -369,6 +424,7 @@ declare
     v_task_ids uuid[];
     v_applied jsonb;
     v_enqueued jsonb;
+    v_busy uuid[];
     v_finalized jsonb;
 begin
     select coalesce(jsonb_agg(jsonb_build_object(
@@ -380,16 +436,21 @@ begin
       into v_task_ids
       from jsonb_array_elements(p_results) x;
 
+    with e as (select * from weft.enqueue_ready_steps(coalesce(v_task_ids, '{}')))
     select coalesce(jsonb_agg(jsonb_build_object(
-               'task_id', e.task_id, 'step_id', e.step_id, 'msg_id', e.msg_id, 'trace', e.trace)), '[]')
-      into v_enqueued
-      from weft.enqueue_ready_steps(coalesce(v_task_ids, '{}')) e;
+               'task_id', e.task_id, 'step_id', e.step_id, 'msg_id', e.msg_id, 'trace', e.trace)), '[]'),
+           coalesce(array_agg(distinct e.task_id), '{}')
+      into v_enqueued, v_busy
+      from e;
 
+    -- A task that just got a step enqueued cannot be finished (finalize_tasks
+    -- needs no enqueued step to move it): evaluate only the others.
     select coalesce(jsonb_agg(jsonb_build_object(
                'task_id', f.task_id, 'state', f.state,
                'execution_status', f.execution_status, 'finalized', f.finalized)), '[]')
       into v_finalized
-      from weft.finalize_tasks(coalesce(v_task_ids, '{}')) f;
+      from weft.finalize_tasks(array(select t from unnest(v_task_ids) t
+                                      where t not in (select b from unnest(v_busy) b))) f;
 
     delete from pgmq.q_weft_results where msg_id = any (p_msg_ids);
 

@@ -51,14 +51,12 @@ impl Scheduler {
         loop {
             let mut sleep = jittered(self.config.poll_interval);
             match self.run_once().await {
-                Ok(claimed) if claimed as i32 >= self.config.batch_size => continue,
-                Ok(_) => match store::seconds_until_next_retry(&self.pool).await {
-                    Ok(Some(secs)) => {
+                Ok(d) if d.claimed as i32 >= self.config.batch_size => continue,
+                Ok(d) => {
+                    if let Some(secs) = d.next_due_in_s {
                         sleep = sleep.min(Duration::from_secs_f64(secs.max(0.0)));
                     }
-                    Ok(None) => {}
-                    Err(e) => warn!(error = %e, "reading the next retry time failed"),
-                },
+                }
                 Err(e) => {
                     warn!(error = %e, "enqueuing due retries failed; retrying");
                     self.metrics.db_error();
@@ -78,22 +76,16 @@ impl Scheduler {
         info!("scheduler stopped");
     }
 
-    /// Claims tasks with a due retry and enqueues their ready steps.
-    /// Returns the number of tasks claimed.
-    pub async fn run_once(&self) -> Result<usize, store::StoreError> {
-        let mut tx = self.pool.begin().await?;
-        let task_ids = store::claim_due_retry_tasks(&mut *tx, self.config.batch_size).await?;
-        if task_ids.is_empty() {
-            return Ok(0);
-        }
-        let enqueued = store::enqueue_ready_steps(&mut *tx, &task_ids).await?;
-        crate::spans::enqueued(&enqueued);
-        let finalized = store::finalize_tasks(&mut *tx, &task_ids).await?;
-        tx.commit().await?;
-        self.metrics.retries_enqueued(enqueued.len() as u64);
-        for f in finalized.iter().filter(|f| f.finalized) {
+    /// Claims tasks with a due retry, enqueues their ready steps and
+    /// finalizes the claimed tasks left with nothing to run, in one statement.
+    pub async fn run_once(&self) -> Result<store::DispatchedRetries, store::StoreError> {
+        let dispatched = store::dispatch_due_retries(&self.pool, self.config.batch_size).await?;
+        crate::spans::enqueued(&dispatched.enqueued);
+        self.metrics
+            .retries_enqueued(dispatched.enqueued.len() as u64);
+        for f in dispatched.finalized.iter().filter(|f| f.finalized) {
             self.metrics.task_finished(f.state);
         }
-        Ok(task_ids.len())
+        Ok(dispatched)
     }
 }

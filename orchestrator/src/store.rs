@@ -375,7 +375,8 @@ pub struct CollectedBatch {
     /// One per result, in the order given.
     pub applied: Vec<Applied>,
     pub enqueued: Vec<Enqueued>,
-    /// One per task the results touched.
+    /// One per task the results touched that got no step enqueued (a task
+    /// with a step just enqueued cannot be finished, so it is not evaluated).
     pub finalized: Vec<Finalized>,
 }
 
@@ -395,29 +396,30 @@ pub async fn collect_results(
     Ok(batch)
 }
 
-/// Locks up to `limit` tasks with a retry due now, skipping tasks another
-/// orchestrator holds.
-pub async fn claim_due_retry_tasks(
-    executor: impl PgExecutor<'_>,
-    limit: i32,
-) -> Result<Vec<Uuid>, StoreError> {
-    Ok(
-        sqlx::query_scalar("select task_id from weft.claim_due_retry_tasks(clock_timestamp(), $1)")
-            .bind(limit)
-            .fetch_all(executor)
-            .await?,
-    )
+/// One retry-scheduler iteration (`weft.dispatch_due_retries`).
+#[derive(Debug, Deserialize)]
+pub struct DispatchedRetries {
+    /// Tasks claimed: they had a retry due and no other orchestrator held them.
+    pub claimed: usize,
+    pub enqueued: Vec<Enqueued>,
+    /// The claimed tasks that got nothing to run, evaluated.
+    pub finalized: Vec<Finalized>,
+    /// Seconds until the next retry is due (negative when overdue), or None.
+    pub next_due_in_s: Option<f64>,
 }
 
-/// Seconds until the next retry is due (negative when overdue), or None.
-pub async fn seconds_until_next_retry(
+/// Claims up to `limit` tasks with a retry due now (skipping tasks another
+/// orchestrator holds), enqueues their ready steps and finalizes the rest,
+/// in one statement: one round trip, atomic without an explicit transaction.
+pub async fn dispatch_due_retries(
     executor: impl PgExecutor<'_>,
-) -> Result<Option<f64>, StoreError> {
-    Ok(sqlx::query_scalar(
-        "select extract(epoch from weft.next_retry_at() - clock_timestamp())::float8",
-    )
-    .fetch_one(executor)
-    .await?)
+    limit: i32,
+) -> Result<DispatchedRetries, StoreError> {
+    let sqlx::types::Json(dispatched) = sqlx::query_scalar("select weft.dispatch_due_retries($1)")
+        .bind(limit)
+        .fetch_one(executor)
+        .await?;
+    Ok(dispatched)
 }
 
 /// A task as the API shows it.

@@ -655,3 +655,102 @@ async fn join_is_enqueued_once_when_parents_finish_together() {
         );
     }
 }
+
+/// Duplicates of one result in one batch: the first applies, the later one
+/// is fenced off and recorded with the state the first left behind.
+#[tokio::test]
+async fn a_duplicate_in_the_same_batch_is_stale() {
+    let pool = support::fresh_pool().await;
+    let now = Utc::now();
+    let template_id = combo_template(&pool, "dup").await;
+    let (task, step) = (Uuid::new_v4(), Uuid::new_v4());
+    insert_rows(
+        &pool,
+        template_id,
+        "fail_fast",
+        now,
+        &[task],
+        &[(task, step, 0, Variant::Enqueued.row(now))],
+        &[],
+    )
+    .await;
+    let one = json!({ "v": 1, "task_id": task, "step_id": step, "attempt": 1, "status": "success", "output": {} });
+    let outcomes: Vec<String> = sqlx::query_scalar("select outcome from weft.apply_results($1)")
+        .bind(json!([one, one]))
+        .fetch_all(&pool)
+        .await
+        .unwrap();
+    assert_eq!(outcomes, ["complete", "stale"]);
+    let recorded: Vec<(Option<String>, Option<i32>)> = sqlx::query_as(
+        "select step_state, step_attempt from weft.stale_results where step_id = $1",
+    )
+    .bind(step)
+    .fetch_all(&pool)
+    .await
+    .unwrap();
+    assert_eq!(recorded, [(Some("complete".to_owned()), Some(1))]);
+}
+
+/// One retry-scheduler iteration in one statement: the due retry is claimed
+/// and enqueued, the one due in an hour is left and gives the next due time;
+/// a second iteration finds nothing due.
+#[tokio::test]
+async fn dispatch_due_retries_takes_what_is_due_and_says_when_next() {
+    let pool = support::fresh_pool().await;
+    let now = Utc::now();
+    let template_id = combo_template(&pool, "retry").await;
+    let (due_task, due_step) = (Uuid::new_v4(), Uuid::new_v4());
+    let (later_task, later_step) = (Uuid::new_v4(), Uuid::new_v4());
+    insert_rows(
+        &pool,
+        template_id,
+        "fail_fast",
+        now,
+        &[due_task, later_task],
+        &[
+            (due_task, due_step, 0, Variant::RetryDue.row(now)),
+            (later_task, later_step, 0, Variant::RetryLater.row(now)),
+        ],
+        &[],
+    )
+    .await;
+    let dispatch = || async {
+        let sqlx::types::Json(d): sqlx::types::Json<serde_json::Value> =
+            sqlx::query_scalar("select weft.dispatch_due_retries(100)")
+                .fetch_one(&pool)
+                .await
+                .unwrap();
+        d
+    };
+    let first = dispatch().await;
+    assert_eq!(first["claimed"], 1, "{first}");
+    assert_eq!(first["enqueued"].as_array().unwrap().len(), 1, "{first}");
+    assert_eq!(first["enqueued"][0]["step_id"], json!(due_step), "{first}");
+    assert_eq!(first["finalized"], json!([]), "{first}");
+    let next = first["next_due_in_s"].as_f64().unwrap();
+    assert!((3500.0..=3600.0).contains(&next), "next retry in {next} s");
+    let state: String = sqlx::query_scalar("select state from weft.steps where id = $1")
+        .bind(due_step)
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    assert_eq!(state, "enqueued");
+
+    let second = dispatch().await;
+    assert_eq!(second["claimed"], 0, "{second}");
+    assert_eq!(second["enqueued"], json!([]), "{second}");
+}
+
+async fn combo_template(pool: &PgPool, name: &str) -> i64 {
+    sqlx::query("select weft.ensure_namespace('combo')")
+        .execute(pool)
+        .await
+        .unwrap();
+    sqlx::query_scalar(
+        "insert into weft.templates (namespace, name, version, definition) values ('combo', $1, 1, '{}') returning id",
+    )
+    .bind(name)
+    .fetch_one(pool)
+    .await
+    .unwrap()
+}
