@@ -22,6 +22,12 @@
 --   loop, quadratic in the batch, so the functions below never join two
 --   such sets: they zip arrays, probe hashed subplans (`not in`) or drive an
 --   index lookup from one set.
+-- * Membership of table rows in a batch is `id = any (array)`, never
+--   `id in (subquery)`: the latter becomes a join, and under a generic plan
+--   with stale statistics ("one pending task") PostgreSQL walked every
+--   active task and re-ran the subquery for each (W5, after a stall: 870
+--   tasks × 436 ids, 378,015 comparisons, 0.5 s for one update). `= any`
+--   is an index condition: one btree descent per id, whatever the estimate.
 
 -- As in 20261128000300_engine.sql, but the steps are moved to `enqueued`
 -- from the sent messages zipped with their ids (no join of two lists), and
@@ -135,7 +141,7 @@ begin
 
     with started as (
         update weft.tasks t set state = 'running', started_at = v_now, updated_at = v_now
-         where t.id in (select distinct id from unnest(v_task_ids) as ids(id)) and t.state = 'pending'
+         where t.id = any (v_task_ids) and t.state = 'pending'
         returning t.id
     )
     insert into weft.task_transitions (task_id, from_state, to_state, at)
@@ -166,7 +172,7 @@ declare
     v_now timestamptz;
 begin
     perform 1 from weft.tasks t
-     where t.id in (select (x ->> 'task_id')::uuid from jsonb_array_elements(p_results) x)
+     where t.id = any (array(select (x ->> 'task_id')::uuid from jsonb_array_elements(p_results) x))
      order by t.id
      for update;
     -- Read the clock once the locks are held (see enqueue_ready_steps).
@@ -331,7 +337,8 @@ as $$
 begin
     return query
     select t.id from weft.tasks t
-    where t.id in (select p.task_id from weft.pending_retries() p where p.next_attempt_at <= p_now)
+    where t.id = any (array(select p.task_id from weft.pending_retries() p
+                            where p.next_attempt_at <= p_now))
       and t.state in ('pending', 'running')
     order by t.id
     limit p_limit

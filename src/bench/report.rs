@@ -255,6 +255,28 @@ fn round(x: f64, digits: i32) -> f64 {
     (x * f).round() / f
 }
 
+/// Per run, the steps/s of the fastest W5 level that kept up with its hop
+/// p99 under `hop_p99_limit_ms` (0 when none did); the median across runs.
+fn w5_within_latency(info: &[Value], hop_p99_limit_ms: f64) -> Option<f64> {
+    let per_run: Vec<f64> = info
+        .iter()
+        .filter_map(|run| run.get("levels")?.as_array())
+        .map(|levels| {
+            levels
+                .iter()
+                .filter(|lv| lv["keeps_up"].as_bool() == Some(true))
+                .filter(|lv| {
+                    lv["hop_p99_ms"]
+                        .as_f64()
+                        .is_some_and(|p| p < hop_p99_limit_ms)
+                })
+                .filter_map(|lv| lv["steps_per_s"].as_f64())
+                .fold(0.0, f64::max)
+        })
+        .collect();
+    super::stats::median(&per_run)
+}
+
 /// Every target of the issue, evaluated.
 pub fn targets(aggregates: &[Aggregate], cal: &Calibration) -> Vec<Target> {
     let find = |id: &str| aggregates.iter().find(|a| a.id == id && a.runs > 0);
@@ -360,14 +382,17 @@ pub fn targets(aggregates: &[Aggregate], cal: &Calibration) -> Vec<Target> {
         u(0.6),
         "0.6 U".into(),
     ));
+    // The brief's target in one figure: the highest level that keeps up
+    // with hop p99 under 20 L must sustain at least 0.6 U. The hop p99 at
+    // the saturation level (the level above) is in the figures table.
     out.push(Target::new(
         "W5",
-        "hop p99 at that rate",
-        fig("W5", "hop_p99_ms"),
-        "ms",
-        Cmp::Below,
-        l(20.0),
-        "20 L".into(),
+        "sustained steps/s at the highest rate that keeps up with hop p99 < 20 L",
+        find("W5").and_then(|a| cal.l_ms.and_then(|l| w5_within_latency(&a.info, 20.0 * l))),
+        "steps/s",
+        Cmp::AtLeast,
+        u(0.6),
+        "0.6 U".into(),
     ));
     out.push(Target::new(
         "W5",
@@ -530,6 +555,7 @@ const HEADLINES: &[(&str, &str, &str)] = &[
         "highest rate that keeps up, tasks/s",
     ),
     ("W5", "hop_p50_ms", "hop p50 at that rate, ms"),
+    ("W5", "hop_p99_ms", "hop p99 at that rate, ms"),
     ("W5", "e2e_p99_ms", "task end to end p99 at that rate, ms"),
     ("W6", "lateness_p50_ms", "retry lateness p50, ms"),
     ("W6", "makespan_ms", "makespan, ms"),
@@ -707,4 +733,22 @@ pub fn brief(m: &Measured) -> String {
         }
     }
     parts.join(", ")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn w5_latency_target_takes_the_fastest_level_within_the_limit_per_run() {
+        let level = |keeps_up: bool, steps: f64, p99: f64| json!({ "keeps_up": keeps_up, "steps_per_s": steps, "hop_p99_ms": p99 });
+        let info = vec![
+            json!({ "levels": [level(true, 1000.0, 30.0), level(true, 1500.0, 80.0), level(false, 1600.0, 10.0)] }),
+            json!({ "levels": [level(true, 1000.0, 90.0)] }),
+            json!({ "levels": [level(true, 1000.0, 20.0), level(true, 1500.0, 40.0)] }),
+        ];
+        // Per run: 1000 (1500 is too slow, 1600 fell behind), 0, 1500.
+        assert_eq!(w5_within_latency(&info, 50.0), Some(1000.0));
+        assert_eq!(w5_within_latency(&[], 50.0), None);
+    }
 }
