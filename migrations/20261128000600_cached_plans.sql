@@ -359,14 +359,53 @@ begin
 end
 $$;
 
+-- What follows a batch of results or of due retries: enqueue the ready
+-- steps of the given tasks (their row locks held by the caller) and finalize
+-- those of them that got nothing enqueued (finalize_tasks needs no enqueued
+-- step to move a task, so a task with a step just enqueued cannot be
+-- finished). Returns {enqueued: [{task_id, step_id, msg_id, trace}],
+-- finalized: [{task_id, state, execution_status, finalized}]}.
+create function weft.advance_tasks(p_task_ids uuid[])
+returns jsonb
+language plpgsql
+set plan_cache_mode = force_generic_plan
+set enable_seqscan = off
+set enable_hashjoin = off
+set enable_mergejoin = off
+as $$
+declare
+    v_enqueued jsonb;
+    v_busy uuid[];
+    v_idle uuid[];
+    v_finalized jsonb := '[]';
+begin
+    with e as (select * from weft.enqueue_ready_steps(p_task_ids))
+    select coalesce(jsonb_agg(jsonb_build_object(
+               'task_id', e.task_id, 'step_id', e.step_id, 'msg_id', e.msg_id,
+               'trace', e.trace)), '[]'),
+           coalesce(array_agg(distinct e.task_id), '{}')
+      into v_enqueued, v_busy
+      from e;
+
+    v_idle := array(select t from unnest(p_task_ids) t
+                     where t not in (select b from unnest(v_busy) b));
+    if cardinality(v_idle) > 0 then
+        select coalesce(jsonb_agg(jsonb_build_object(
+                   'task_id', f.task_id, 'state', f.state,
+                   'execution_status', f.execution_status, 'finalized', f.finalized)), '[]')
+          into v_finalized
+          from weft.finalize_tasks(v_idle) f;
+    end if;
+    return jsonb_build_object('enqueued', v_enqueued, 'finalized', v_finalized);
+end
+$$;
+
 -- One retry-scheduler iteration in one statement (one round trip, one
--- implicit transaction): claim up to p_limit tasks with a retry due, enqueue
--- their ready steps, finalize those of them that got nothing to run (a task
--- with a step just enqueued cannot be finished), and say when the next retry
--- falls due. Returns {claimed, enqueued: [{task_id, step_id, msg_id, trace}],
--- finalized: [{task_id, state, execution_status, finalized}],
--- next_due_in_s: seconds (negative when overdue, e.g. held by another
--- orchestrator) or null when none is waiting}.
+-- implicit transaction): claim up to p_limit tasks with a retry due, advance
+-- them (above), and say when the next retry falls due. Returns {claimed,
+-- enqueued, finalized (as advance_tasks), next_due_in_s: seconds (negative
+-- when overdue, e.g. held by another orchestrator) or null when none is
+-- waiting}.
 create function weft.dispatch_due_retries(p_limit integer)
 returns jsonb
 language plpgsql
@@ -377,48 +416,23 @@ set enable_mergejoin = off
 as $$
 declare
     v_task_ids uuid[];
-    v_enqueued jsonb := '[]';
-    v_idle uuid[];
-    v_finalized jsonb := '[]';
+    v_advanced jsonb := '{"enqueued": [], "finalized": []}';
 begin
-    select coalesce(array_agg(c.task_id), '{}')
-      into v_task_ids
-      from weft.claim_due_retry_tasks(clock_timestamp(), p_limit) c;
-
+    v_task_ids := array(select c.task_id
+                          from weft.claim_due_retry_tasks(clock_timestamp(), p_limit) c);
     if cardinality(v_task_ids) > 0 then
-        with e as (select * from weft.enqueue_ready_steps(v_task_ids))
-        select coalesce(jsonb_agg(jsonb_build_object(
-                   'task_id', e.task_id, 'step_id', e.step_id, 'msg_id', e.msg_id,
-                   'trace', e.trace)), '[]'),
-               coalesce(array_agg(distinct e.task_id), '{}')
-          into v_enqueued, v_idle
-          from e;
-        -- v_idle holds the tasks that got a step; keep the others.
-        v_idle := array(select t from unnest(v_task_ids) t
-                         where t not in (select b from unnest(v_idle) b));
-        if cardinality(v_idle) > 0 then
-            select coalesce(jsonb_agg(jsonb_build_object(
-                       'task_id', f.task_id, 'state', f.state,
-                       'execution_status', f.execution_status, 'finalized', f.finalized)), '[]')
-              into v_finalized
-              from weft.finalize_tasks(v_idle) f;
-        end if;
+        v_advanced := weft.advance_tasks(v_task_ids);
     end if;
-
-    return jsonb_build_object(
+    return v_advanced || jsonb_build_object(
         'claimed', cardinality(v_task_ids),
-        'enqueued', v_enqueued,
-        'finalized', v_finalized,
         'next_due_in_s', extract(epoch from weft.next_retry_at() - clock_timestamp())::float8);
 end
 $$;
 
 -- One collector batch in one statement (so one round trip and one implicit
--- transaction): apply the decoded results, enqueue what became ready,
--- finalize the touched tasks that got no step enqueued (the others cannot
--- be finished) and delete the result messages. Returns what happened,
--- as {applied: [{step_id, attempt, outcome}], enqueued: [{task_id, step_id,
--- msg_id, trace}], finalized: [{task_id, state, execution_status, finalized}]}.
+-- transaction): apply the decoded results, advance the touched tasks (above)
+-- and delete the result messages. Returns what happened, as {applied:
+-- [{step_id, attempt, outcome}], enqueued, finalized (as advance_tasks)}.
 create function weft.collect_results(p_results jsonb, p_msg_ids bigint[])
 returns jsonb
 language plpgsql
@@ -428,40 +442,22 @@ set enable_hashjoin = off
 set enable_mergejoin = off
 as $$
 declare
-    v_task_ids uuid[];
     v_applied jsonb;
-    v_enqueued jsonb;
-    v_busy uuid[];
-    v_finalized jsonb;
+    v_task_ids uuid[];
+    v_advanced jsonb;
 begin
     select coalesce(jsonb_agg(jsonb_build_object(
                'step_id', a.step_id, 'attempt', a.attempt, 'outcome', a.outcome)), '[]')
       into v_applied
       from weft.apply_results(p_results) a;
 
-    select array_agg(distinct (x ->> 'task_id')::uuid)
-      into v_task_ids
-      from jsonb_array_elements(p_results) x;
-
-    with e as (select * from weft.enqueue_ready_steps(coalesce(v_task_ids, '{}')))
-    select coalesce(jsonb_agg(jsonb_build_object(
-               'task_id', e.task_id, 'step_id', e.step_id, 'msg_id', e.msg_id, 'trace', e.trace)), '[]'),
-           coalesce(array_agg(distinct e.task_id), '{}')
-      into v_enqueued, v_busy
-      from e;
-
-    -- A task that just got a step enqueued cannot be finished (finalize_tasks
-    -- needs no enqueued step to move it): evaluate only the others.
-    select coalesce(jsonb_agg(jsonb_build_object(
-               'task_id', f.task_id, 'state', f.state,
-               'execution_status', f.execution_status, 'finalized', f.finalized)), '[]')
-      into v_finalized
-      from weft.finalize_tasks(array(select t from unnest(v_task_ids) t
-                                      where t not in (select b from unnest(v_busy) b))) f;
+    v_task_ids := array(select distinct (x ->> 'task_id')::uuid
+                          from jsonb_array_elements(p_results) x);
+    v_advanced := weft.advance_tasks(v_task_ids);
 
     delete from pgmq.q_weft_results where msg_id = any (p_msg_ids);
 
-    return jsonb_build_object('applied', v_applied, 'enqueued', v_enqueued, 'finalized', v_finalized);
+    return v_advanced || jsonb_build_object('applied', v_applied);
 end
 $$;
 

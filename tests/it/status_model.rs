@@ -210,19 +210,9 @@ fn combinations(steps: usize) -> impl Iterator<Item = Vec<Variant>> {
 }
 
 async fn insert_cases(pool: &PgPool, now: DateTime<Utc>) -> Vec<Case> {
-    sqlx::query("select weft.ensure_namespace('combo')")
-        .execute(pool)
-        .await
-        .unwrap();
     let mut cases = Vec::new();
     for shape in &SHAPES {
-        let template_id: i64 = sqlx::query_scalar(
-            "insert into weft.templates (namespace, name, version, definition) values ('combo', $1, 1, '{}') returning id",
-        )
-        .bind(shape.name)
-        .fetch_one(pool)
-        .await
-        .unwrap();
+        let template_id = combo_template(pool, shape.name).await;
         for on_failure in ["fail_fast", "continue"] {
             let mut tasks = Vec::new();
             let mut steps: Vec<(Uuid, Uuid, i32, StepRow)> = Vec::new();
@@ -430,16 +420,7 @@ async fn every_state_combination_matches_the_reference_model() {
 async fn seed_scenario_is_blocked_by_failures() {
     let pool = support::fresh_pool().await;
     let now = Utc.with_ymd_and_hms(2030, 1, 1, 12, 0, 0).unwrap();
-    sqlx::query("select weft.ensure_namespace('combo')")
-        .execute(&pool)
-        .await
-        .unwrap();
-    let template_id: i64 = sqlx::query_scalar(
-        "insert into weft.templates (namespace, name, version, definition) values ('combo', 'seed', 1, '{}') returning id",
-    )
-    .fetch_one(&pool)
-    .await
-    .unwrap();
+    let template_id = combo_template(&pool, "seed").await;
     let task = Uuid::new_v4();
     let steps: Vec<Uuid> = (0..3).map(|_| Uuid::new_v4()).collect();
     let rows = [
@@ -516,16 +497,7 @@ async fn seed_scenario_is_blocked_by_failures() {
 async fn racing_transitions_apply_exactly_once() {
     let pool = support::fresh_pool().await;
     let now = Utc::now();
-    sqlx::query("select weft.ensure_namespace('combo')")
-        .execute(&pool)
-        .await
-        .unwrap();
-    let template_id: i64 = sqlx::query_scalar(
-        "insert into weft.templates (namespace, name, version, definition) values ('combo', 'race', 1, '{}') returning id",
-    )
-    .fetch_one(&pool)
-    .await
-    .unwrap();
+    let template_id = combo_template(&pool, "race").await;
     for round in 0..20 {
         let task = Uuid::new_v4();
         let step = Uuid::new_v4();
@@ -578,16 +550,7 @@ async fn racing_transitions_apply_exactly_once() {
 async fn join_is_enqueued_once_when_parents_finish_together() {
     let pool = support::fresh_pool().await;
     let now = Utc::now();
-    sqlx::query("select weft.ensure_namespace('combo')")
-        .execute(&pool)
-        .await
-        .unwrap();
-    let template_id: i64 = sqlx::query_scalar(
-        "insert into weft.templates (namespace, name, version, definition) values ('combo', 'join', 1, '{}') returning id",
-    )
-    .fetch_one(&pool)
-    .await
-    .unwrap();
+    let template_id = combo_template(&pool, "join").await;
     for round in 0..30 {
         let task = Uuid::new_v4();
         let ids: Vec<Uuid> = (0..3).map(|_| Uuid::new_v4()).collect();
