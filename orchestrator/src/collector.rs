@@ -5,10 +5,11 @@
 use std::time::Duration;
 
 use serde_json::Value;
-use sqlx::PgPool;
+use sqlx::{Connection, PgPool};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
+use shared::conn::HeldConnection;
 use shared::message::ResultMessage;
 use shared::queue::{self, QueueMessage, QueueName};
 
@@ -46,11 +47,14 @@ pub struct Collected {
     pub stale: usize,
     pub malformed: usize,
     pub enqueued: usize,
+    /// Of `enqueued`, steps of retries that were due.
+    pub retries: usize,
     pub finalized: usize,
 }
 
 pub struct Collector {
     pool: PgPool,
+    conn: HeldConnection,
     config: CollectorConfig,
     metrics: Metrics,
 }
@@ -58,6 +62,7 @@ pub struct Collector {
 impl Collector {
     pub fn new(pool: PgPool, config: CollectorConfig, metrics: Metrics) -> Self {
         Self {
+            conn: HeldConnection::new(pool.clone()),
             pool,
             config,
             metrics,
@@ -66,7 +71,7 @@ impl Collector {
 
     /// Runs until shutdown: drain the queue, then wait for a notification or
     /// the fallback poll.
-    pub async fn run(self, shutdown: CancellationToken) {
+    pub async fn run(mut self, shutdown: CancellationToken) {
         let mut wake = Wake::new(self.pool.clone(), &[queue::RESULTS]);
         loop {
             match self.run_once().await {
@@ -87,11 +92,21 @@ impl Collector {
         info!("collector stopped");
     }
 
-    /// Reads and applies one batch of results.
-    pub async fn run_once(&self) -> Result<Collected, store::StoreError> {
+    /// Reads and applies one batch of results, on the connection this
+    /// collector holds (a fresh one after a failure).
+    pub async fn run_once(&mut self) -> Result<Collected, store::StoreError> {
+        let collected = self.collect().await;
+        if collected.is_err() {
+            self.conn.discard();
+        }
+        collected
+    }
+
+    async fn collect(&mut self) -> Result<Collected, store::StoreError> {
         let lease = i32::try_from(self.config.lease.as_secs().max(1)).unwrap_or(30);
         let results = QueueName::results();
-        let messages = queue::read(&self.pool, &results, lease, self.config.batch_size).await?;
+        let conn = self.conn.get().await?;
+        let messages = queue::read(&mut *conn, &results, lease, self.config.batch_size).await?;
         if messages.is_empty() {
             return Ok(Collected::default());
         }
@@ -123,7 +138,7 @@ impl Collector {
                 warn!(msg_id = m.msg_id, error = ?e.as_ref().err(), "malformed result message dead-lettered");
             }
             let ids: Vec<i64> = bad.iter().map(|(m, _)| m.msg_id).collect();
-            let mut tx = self.pool.begin().await?;
+            let mut tx = conn.begin().await?;
             queue::send_batch(&mut *tx, &QueueName::results_dead_letters(), &dead).await?;
             queue::delete_batch(&mut *tx, &results, &ids).await?;
             tx.commit().await?;
@@ -135,7 +150,7 @@ impl Collector {
             .unzip();
         if !decoded.is_empty() {
             let payload = Value::Array(decoded.iter().map(ResultMessage::to_value).collect());
-            let batch = store::collect_results(&self.pool, &payload, &ids).await?;
+            let batch = store::collect_results(&mut *conn, &payload, &ids).await?;
             for (result, a) in decoded.iter().zip(&batch.applied) {
                 crate::spans::applied(result, &a.outcome);
             }
@@ -146,6 +161,8 @@ impl Collector {
             }
             crate::spans::enqueued(&batch.enqueued);
             done.enqueued = batch.enqueued.len();
+            done.retries = batch.retries;
+            self.metrics.retries_enqueued(batch.retries as u64);
             for f in batch.finalized.iter().filter(|f| f.finalized) {
                 info!(task.id = %f.task_id, state = %f.state, "task finished");
                 self.metrics.task_finished(f.state);

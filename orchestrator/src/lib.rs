@@ -78,6 +78,24 @@ pub enum Error {
     Store(#[from] store::StoreError),
     #[error(transparent)]
     Auth(#[from] api::AuthError),
+    #[error(
+        "the database pool allows {max} connections (WEFT_DB_MAX_CONNECTIONS), but the \
+         {collectors} result collectors and the retry scheduler keep {held} open (one to \
+         listen on and one to work on each) and the API needs at least 2 more: allow \
+         {needed} or more, or run fewer collectors"
+    )]
+    TooFewConnections {
+        max: u32,
+        collectors: usize,
+        held: u32,
+        needed: u32,
+    },
+}
+
+/// Connections the orchestrator's loops keep open: every collector and the
+/// scheduler hold a LISTEN connection and the connection they work on.
+fn connections_held(collectors: usize) -> u32 {
+    2 * (u32::try_from(collectors.max(1)).unwrap_or(u32::MAX / 4) + 1)
 }
 
 /// Runs the orchestrator's loops (and its API when configured) until
@@ -88,8 +106,18 @@ pub async fn run(
     pool: PgPool,
     shutdown: CancellationToken,
 ) -> Result<(), Error> {
-    // Check and bind first: a locked-out API or a port in use is a startup
-    // error, before any loop runs.
+    // Check and bind first: a locked-out API, a pool too small for the loops
+    // or a port in use is a startup error, before any loop runs.
+    let held = connections_held(config.collectors);
+    let max = pool.options().get_max_connections();
+    if max < held + 2 {
+        return Err(Error::TooFewConnections {
+            max,
+            collectors: config.collectors.max(1),
+            held,
+            needed: held + 2,
+        });
+    }
     let listener = match config.http_addr {
         Some(addr) => Some({
             config.auth.check()?;

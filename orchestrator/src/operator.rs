@@ -155,10 +155,9 @@ pub struct RetryDue {
 
 /// Explains a task. `None`: no such task.
 pub async fn explain(pool: &PgPool, id: TaskId) -> Result<Option<Explanation>, StoreError> {
-    let Some(task) = store::get_task(pool, id).await? else {
+    let Some(store::TaskView { task, steps }) = store::task_view(pool, id).await? else {
         return Ok(None);
     };
-    let steps = store::get_steps(pool, id).await?;
     let now = Utc::now();
     let by_name: std::collections::HashMap<&str, &store::StepRow> =
         steps.iter().map(|s| (s.name.as_str(), s)).collect();

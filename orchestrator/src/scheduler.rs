@@ -6,6 +6,7 @@
 
 use std::time::Duration;
 
+use shared::conn::HeldConnection;
 use sqlx::PgPool;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
@@ -33,6 +34,7 @@ impl Default for SchedulerConfig {
 
 pub struct Scheduler {
     pool: PgPool,
+    conn: HeldConnection,
     config: SchedulerConfig,
     metrics: Metrics,
 }
@@ -40,13 +42,14 @@ pub struct Scheduler {
 impl Scheduler {
     pub fn new(pool: PgPool, config: SchedulerConfig, metrics: Metrics) -> Self {
         Self {
+            conn: HeldConnection::new(pool.clone()),
             pool,
             config,
             metrics,
         }
     }
 
-    pub async fn run(self, shutdown: CancellationToken) {
+    pub async fn run(mut self, shutdown: CancellationToken) {
         let mut wake = Wake::new(self.pool.clone(), &["weft_retries"]);
         loop {
             let mut sleep = jittered(self.config.poll_interval);
@@ -77,9 +80,17 @@ impl Scheduler {
     }
 
     /// Claims tasks with a due retry, enqueues their ready steps and
-    /// finalizes the claimed tasks left with nothing to run, in one statement.
-    pub async fn run_once(&self) -> Result<store::DispatchedRetries, store::StoreError> {
-        let dispatched = store::dispatch_due_retries(&self.pool, self.config.batch_size).await?;
+    /// finalizes the claimed tasks left with nothing to run, in one statement
+    /// on the connection this scheduler holds (a fresh one after a failure).
+    pub async fn run_once(&mut self) -> Result<store::DispatchedRetries, store::StoreError> {
+        let conn = self.conn.get().await?;
+        let dispatched = match store::dispatch_due_retries(conn, self.config.batch_size).await {
+            Ok(dispatched) => dispatched,
+            Err(e) => {
+                self.conn.discard();
+                return Err(e);
+            }
+        };
         crate::spans::enqueued(&dispatched.enqueued);
         self.metrics
             .retries_enqueued(dispatched.enqueued.len() as u64);

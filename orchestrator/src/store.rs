@@ -157,17 +157,23 @@ pub struct CreatedTasks {
     pub inserted: Vec<TaskId>,
     /// Their root steps, enqueued.
     pub enqueued: Vec<Enqueued>,
+    /// The view of the one task inserted, when asked for and exactly one was.
+    #[serde(default)]
+    pub view: Option<TaskView>,
 }
 
 /// Inserts tasks of one template with their steps and edges and enqueues
 /// their root steps, in one statement (`weft.create_tasks`): one round trip
 /// whatever the number of tasks, atomic on its own. Tasks whose idempotency
 /// key is already taken are skipped and left out of `inserted`, so the
-/// caller can return the existing task.
+/// caller can return the existing task. With `view`, a task created alone
+/// comes back as [`task_view`] reads it, from the same statement
+/// (`weft.create_task_viewed`).
 pub async fn create_tasks(
     executor: impl PgExecutor<'_>,
     template: &Template,
     tasks: &[NewTask],
+    view: bool,
 ) -> Result<CreatedTasks, StoreError> {
     let mut task_ids = Vec::with_capacity(tasks.len());
     let mut template_ids = Vec::with_capacity(tasks.len());
@@ -227,36 +233,40 @@ pub async fn create_tasks(
             }
         }
     }
-    let sqlx::types::Json(created) = sqlx::query_scalar(
+    let sql = if view {
+        "select weft.create_task_viewed($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13,
+                                        $14, $15, $16, $17, $18, $19, $20, $21, $22, $23, $24)"
+    } else {
         "select weft.create_tasks($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14,
-                                  $15, $16, $17, $18, $19, $20, $21, $22, $23, $24)",
-    )
-    .bind(template.namespace.as_str())
-    .bind(template.on_failure.as_str())
-    .bind(&task_ids)
-    .bind(&template_ids)
-    .bind(&inputs)
-    .bind(&priorities)
-    .bind(&key_hashes)
-    .bind(&request_hashes)
-    .bind(&traces)
-    .bind(&step_ids)
-    .bind(&step_task)
-    .bind(&positions)
-    .bind(&names)
-    .bind(&handlers)
-    .bind(&configs)
-    .bind(&max_attempts)
-    .bind(&timeouts)
-    .bind(&initials)
-    .bind(&maxes)
-    .bind(&multipliers)
-    .bind(&jitters)
-    .bind(&edge_task)
-    .bind(&edge_step)
-    .bind(&edge_dep)
-    .fetch_one(executor)
-    .await?;
+                                  $15, $16, $17, $18, $19, $20, $21, $22, $23, $24)"
+    };
+    let sqlx::types::Json(created) = sqlx::query_scalar(sql)
+        .bind(template.namespace.as_str())
+        .bind(template.on_failure.as_str())
+        .bind(&task_ids)
+        .bind(&template_ids)
+        .bind(&inputs)
+        .bind(&priorities)
+        .bind(&key_hashes)
+        .bind(&request_hashes)
+        .bind(&traces)
+        .bind(&step_ids)
+        .bind(&step_task)
+        .bind(&positions)
+        .bind(&names)
+        .bind(&handlers)
+        .bind(&configs)
+        .bind(&max_attempts)
+        .bind(&timeouts)
+        .bind(&initials)
+        .bind(&maxes)
+        .bind(&multipliers)
+        .bind(&jitters)
+        .bind(&edge_task)
+        .bind(&edge_step)
+        .bind(&edge_dep)
+        .fetch_one(executor)
+        .await?;
     Ok(created)
 }
 
@@ -378,11 +388,15 @@ pub struct CollectedBatch {
     /// One per task the results touched that got no step enqueued (a task
     /// with a step just enqueued cannot be finished, so it is not evaluated).
     pub finalized: Vec<Finalized>,
+    /// Steps of due retries the batch claimed and enqueued along the way
+    /// (they are among `enqueued`).
+    pub retries: usize,
 }
 
 /// Applies decoded results, enqueues what became ready, finalizes their
 /// tasks and deletes the result messages `msg_ids`, in one statement: one
-/// round trip, and atomic without an explicit transaction.
+/// round trip, and atomic without an explicit transaction. Retries due by
+/// then, on tasks no other orchestrator holds, are dispatched with the batch.
 pub async fn collect_results(
     executor: impl PgExecutor<'_>,
     results: &Value,
@@ -423,7 +437,7 @@ pub async fn dispatch_due_retries(
 }
 
 /// A task as the API shows it.
-#[derive(Debug, Clone, Serialize, sqlx::FromRow)]
+#[derive(Debug, Clone, Serialize, Deserialize, sqlx::FromRow)]
 pub struct TaskRow {
     pub id: Uuid,
     pub namespace: String,
@@ -440,7 +454,7 @@ pub struct TaskRow {
 }
 
 /// A step as the API shows it.
-#[derive(Debug, Clone, Serialize, sqlx::FromRow)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct StepRow {
     pub id: Uuid,
     pub name: String,
@@ -457,23 +471,32 @@ pub struct StepRow {
     pub finished_at: Option<DateTime<Utc>>,
 }
 
+/// A task with its steps, as one read returns them.
+#[derive(Debug, Clone, Deserialize)]
+pub struct TaskView {
+    pub task: TaskRow,
+    pub steps: Vec<StepRow>,
+}
+
+/// Reads a task with its computed execution status and its steps in
+/// declaration order, with their readiness: one statement (`weft.task_view`).
+pub async fn task_view(
+    executor: impl PgExecutor<'_>,
+    id: TaskId,
+) -> Result<Option<TaskView>, StoreError> {
+    let view: Option<sqlx::types::Json<TaskView>> = sqlx::query_scalar("select weft.task_view($1)")
+        .bind(id.0)
+        .fetch_one(executor)
+        .await?;
+    Ok(view.map(|v| v.0))
+}
+
 /// Reads one task with its computed execution status.
 pub async fn get_task(
     executor: impl PgExecutor<'_>,
     id: TaskId,
 ) -> Result<Option<TaskRow>, StoreError> {
-    Ok(sqlx::query_as(
-        "select t.id, t.namespace, tp.name as template_name, tp.version as template_version,
-                t.state, c.execution_status, t.on_failure, t.input, t.priority,
-                t.created_at, t.started_at, t.finished_at
-         from weft.tasks t
-         join weft.templates tp on tp.id = t.template_id
-         left join weft.task_execution_context(array[t.id]) c on true
-         where t.id = $1",
-    )
-    .bind(id.0)
-    .fetch_optional(executor)
-    .await?)
+    Ok(task_view(executor, id).await?.map(|v| v.task))
 }
 
 /// Reads a task's steps in declaration order, with their readiness.
@@ -481,20 +504,10 @@ pub async fn get_steps(
     executor: impl PgExecutor<'_>,
     id: TaskId,
 ) -> Result<Vec<StepRow>, StoreError> {
-    Ok(sqlx::query_as(
-        "select s.id, s.name, s.handler, s.state, s.attempts - s.attempt_floor as attempts,
-                s.max_attempts,
-                array(select d.name from weft.step_edges e join weft.steps d on d.id = e.depends_on
-                      where e.step_id = s.id order by d.position) as depends_on,
-                r.ready, s.output, s.last_error, s.next_attempt_at, s.enqueued_at, s.finished_at
-         from weft.steps s
-         join weft.step_readiness(array[$1::uuid]) r on r.step_id = s.id
-         where s.task_id = $1
-         order by s.position",
-    )
-    .bind(id.0)
-    .fetch_all(executor)
-    .await?)
+    Ok(task_view(executor, id)
+        .await?
+        .map(|v| v.steps)
+        .unwrap_or_default())
 }
 
 /// Whether the namespace exists (has a registered template).

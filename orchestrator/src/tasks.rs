@@ -41,24 +41,38 @@ pub async fn create_tasks(
     pool: &PgPool,
     requests: &[CreateTask],
 ) -> Result<Vec<Created>, StoreError> {
+    Ok(create(pool, requests, false).await?.0)
+}
+
+/// As [`create_tasks`]; with `view`, a task created by the one-statement
+/// path also comes back as the API shows it, read in the same statement.
+async fn create(
+    pool: &PgPool,
+    requests: &[CreateTask],
+    view: bool,
+) -> Result<(Vec<Created>, Option<store::TaskView>), StoreError> {
     let groups = template_groups(requests);
     // The common case, one template and no idempotency keys: nothing can be
     // skipped, so the one statement that creates the tasks is the whole
-    // transaction (two round trips in all, with the template lookup).
+    // transaction (two statements in all, with the template lookup).
     if let [group] = groups.as_slice()
         && group.iter().all(|r| r.idempotency_key_hash.is_none())
     {
-        let (template, new_tasks) = prepare(pool, group).await?;
-        let created = store::create_tasks(pool, &template, &new_tasks).await?;
+        // One connection for both statements: a pooled acquire and release
+        // each cost a round trip (sqlx checks the connection).
+        let mut conn = pool.acquire().await?;
+        let (template, new_tasks) = prepare(&mut *conn, group).await?;
+        let created = store::create_tasks(&mut *conn, &template, &new_tasks, view).await?;
         crate::spans::enqueued(&created.enqueued);
-        return Ok(new_tasks.iter().map(|t| Created::New(t.id)).collect());
+        let ids = new_tasks.iter().map(|t| Created::New(t.id)).collect();
+        return Ok((ids, created.view));
     }
     let mut tx = pool.begin().await?;
     let mut out = Vec::with_capacity(requests.len());
     for group in groups {
         let first = &group[0];
         let (template, new_tasks) = prepare(&mut *tx, group).await?;
-        let created = store::create_tasks(&mut *tx, &template, &new_tasks).await?;
+        let created = store::create_tasks(&mut *tx, &template, &new_tasks, false).await?;
         crate::spans::enqueued(&created.enqueued);
         for (request, task) in group.iter().zip(&new_tasks) {
             if created.inserted.contains(&task.id) {
@@ -76,7 +90,7 @@ pub async fn create_tasks(
         }
     }
     tx.commit().await?;
-    Ok(out)
+    Ok((out, None))
 }
 
 /// Consecutive requests of the same template, so bulk creation is one
@@ -126,9 +140,20 @@ async fn prepare(
 
 /// Creates one task.
 pub async fn create_task(pool: &PgPool, request: CreateTask) -> Result<Created, StoreError> {
-    let created = create_tasks(pool, std::slice::from_ref(&request)).await?;
-    created
+    Ok(create_task_viewed(pool, request).await?.0)
+}
+
+/// Creates one task; a new task without an idempotency key comes back with
+/// its view (as `GET /v1/tasks/{id}` shows it) from the creating statement,
+/// otherwise the view is `None` and the caller reads it.
+pub async fn create_task_viewed(
+    pool: &PgPool,
+    request: CreateTask,
+) -> Result<(Created, Option<store::TaskView>), StoreError> {
+    let (created, view) = create(pool, std::slice::from_ref(&request), true).await?;
+    let created = created
         .into_iter()
         .next()
-        .ok_or(StoreError::IdempotencyConflict)
+        .ok_or(StoreError::IdempotencyConflict)?;
+    Ok((created, view))
 }

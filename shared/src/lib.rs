@@ -1,11 +1,13 @@
 //! The contract between Weft's orchestrator and its workers: identifiers,
 //! validated names, durable states, the versioned queue protocol, the thin
-//! pgmq client, template parsing, and the one migrator.
+//! pgmq client and the connection its hot loops hold, template parsing, and
+//! the one migrator.
 //!
 //! Architecture invariant: this crate holds only what both sides must agree
 //! on. It never contains orchestration logic (deciding what runs) or worker
 //! logic (running handlers); those live in their own crates.
 
+pub mod conn;
 pub mod ids;
 pub mod message;
 pub mod migrate;

@@ -934,6 +934,34 @@ async fn every_protected_route_needs_a_token_of_its_scope() {
     s.stop().await;
 }
 
+/// The loops hold their connections, so a pool too small for them is a
+/// startup error that says what to set, not a fleet that hangs on acquire.
+#[tokio::test]
+async fn a_pool_too_small_for_the_loops_is_refused_at_startup() {
+    let url = support::fresh_database().await;
+    let small = support::pool(&url, 7).await;
+    let error = orchestrator::run(
+        fleet::orchestrator_config(),
+        small,
+        CancellationToken::new(),
+    )
+    .await
+    .expect_err("2 collectors and the scheduler hold 6 connections; 7 leave 1 for the API")
+    .to_string();
+    assert!(error.contains("allows 7 connections"), "{error}");
+    assert!(error.contains("allow 8 or more"), "{error}");
+
+    let small = support::pool(&url, 3).await;
+    let worker = worker::Worker::builder(fleet::worker_config("small")).build();
+    let error = worker
+        .run(small, CancellationToken::new())
+        .await
+        .expect_err("a worker holds 3 connections and its heartbeat needs a fourth")
+        .to_string();
+    assert!(error.contains("allows 3 connections"), "{error}");
+    assert!(error.contains("allow at least 4"), "{error}");
+}
+
 #[tokio::test]
 async fn without_tokens_the_orchestrator_refuses_to_start() {
     let pool = support::fresh_pool().await;

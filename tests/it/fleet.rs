@@ -51,13 +51,23 @@ pub fn worker_config(namespace: &str) -> worker::WorkerConfig {
     config
 }
 
+/// A pool of its own for one in-process orchestrator or worker, on the same
+/// database, as each process has in production: their loops hold
+/// connections, so sharing the test's pool would starve it.
+fn own_pool(pool: &PgPool) -> PgPool {
+    sqlx::postgres::PgPoolOptions::new()
+        .max_connections(10)
+        .acquire_timeout(Duration::from_secs(30))
+        .connect_lazy_with((*pool.connect_options()).clone())
+}
+
 impl Fleet {
     /// Starts `orchestrators` orchestrators and one worker per namespace.
     pub fn start(pool: &PgPool, orchestrators: usize, namespaces: &[&str]) -> Fleet {
         let shutdown = CancellationToken::new();
         let tracker = TaskTracker::new();
         for _ in 0..orchestrators {
-            let (pool, stop) = (pool.clone(), shutdown.clone());
+            let (pool, stop) = (own_pool(pool), shutdown.clone());
             tracker.spawn(async move {
                 orchestrator::run(orchestrator_config(), pool, stop)
                     .await
@@ -66,7 +76,7 @@ impl Fleet {
         }
         for ns in namespaces {
             let worker = worker::Worker::builder(worker_config(ns)).build();
-            let (pool, stop) = (pool.clone(), shutdown.clone());
+            let (pool, stop) = (own_pool(pool), shutdown.clone());
             tracker.spawn(async move { worker.run(pool, stop).await.unwrap() });
         }
         Fleet { shutdown, tracker }

@@ -168,7 +168,7 @@ async fn late_and_duplicate_results_are_fenced_off() {
         .await
         .unwrap();
     let metrics = orchestrator::Metrics::default();
-    let collector = orchestrator::Collector::new(
+    let mut collector = orchestrator::Collector::new(
         pool.clone(),
         fleet::orchestrator_config().collector,
         metrics.clone(),
@@ -345,7 +345,7 @@ async fn malformed_results_are_dead_lettered() {
     )
     .await
     .unwrap();
-    let collector = orchestrator::Collector::new(
+    let mut collector = orchestrator::Collector::new(
         pool.clone(),
         fleet::orchestrator_config().collector,
         Default::default(),

@@ -704,6 +704,80 @@ async fn dispatch_due_retries_takes_what_is_due_and_says_when_next() {
     assert_eq!(second["enqueued"], json!([]), "{second}");
 }
 
+/// A result batch dispatches the retries due by then along with its own
+/// work: the due one is enqueued (and counted), the one due in an hour is
+/// left to the scheduler, and the batch's own task is not claimed twice.
+#[tokio::test]
+async fn a_result_batch_takes_the_retries_due_along() {
+    let pool = support::fresh_pool().await;
+    let now = Utc::now();
+    let template_id = combo_template(&pool, "ride").await;
+    let (busy_task, busy_step) = (Uuid::new_v4(), Uuid::new_v4());
+    let (due_task, due_step) = (Uuid::new_v4(), Uuid::new_v4());
+    let (later_task, later_step) = (Uuid::new_v4(), Uuid::new_v4());
+    insert_rows(
+        &pool,
+        template_id,
+        "fail_fast",
+        now,
+        &[busy_task, due_task, later_task],
+        &[
+            (busy_task, busy_step, 0, Variant::Enqueued.row(now)),
+            (due_task, due_step, 0, Variant::RetryDue.row(now)),
+            (later_task, later_step, 0, Variant::RetryLater.row(now)),
+        ],
+        &[],
+    )
+    .await;
+    let result = json!([{ "v": 1, "task_id": busy_task, "step_id": busy_step, "attempt": 1,
+                          "status": "success", "output": {} }]);
+    let sqlx::types::Json(batch): sqlx::types::Json<serde_json::Value> =
+        sqlx::query_scalar("select weft.collect_results($1, '{}')")
+            .bind(&result)
+            .fetch_one(&pool)
+            .await
+            .unwrap();
+    assert_eq!(batch["applied"][0]["outcome"], "complete", "{batch}");
+    assert_eq!(batch["retries"], 1, "{batch}");
+    let enqueued: Vec<&serde_json::Value> = batch["enqueued"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| &e["step_id"])
+        .collect();
+    assert_eq!(enqueued, [&json!(due_step)], "{batch}");
+    // The finished task is evaluated once, as the batch's own.
+    let finalized: Vec<&serde_json::Value> = batch["finalized"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|f| &f["task_id"])
+        .collect();
+    assert_eq!(finalized, [&json!(busy_task)], "{batch}");
+    let states: Vec<(Uuid, String, i32)> =
+        sqlx::query_as("select id, state, attempts from weft.steps order by state, id")
+            .fetch_all(&pool)
+            .await
+            .unwrap();
+    let state_of = |id: Uuid| {
+        states
+            .iter()
+            .find(|(s, _, _)| *s == id)
+            .map(|(_, state, attempts)| (state.as_str(), *attempts))
+    };
+    assert_eq!(state_of(busy_step), Some(("complete", 1)));
+    assert_eq!(state_of(due_step), Some(("enqueued", 2)));
+    assert_eq!(state_of(later_step), Some(("waiting_retry", 1)));
+    let queued: i64 = sqlx::query_scalar(
+        "select count(*) from pgmq.q_weft_steps_combo where (message ->> 'step_id')::uuid = $1",
+    )
+    .bind(due_step)
+    .fetch_one(&pool)
+    .await
+    .unwrap();
+    assert_eq!(queued, 1);
+}
+
 async fn combo_template(pool: &PgPool, name: &str) -> i64 {
     sqlx::query("select weft.ensure_namespace('combo')")
         .execute(pool)

@@ -8,8 +8,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use serde_json::Value;
+use shared::conn::HeldConnection;
 use shared::queue::{self, QueueName};
-use sqlx::PgPool;
+use sqlx::{Connection, PgPool};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, error, warn};
@@ -21,7 +22,7 @@ use crate::in_flight::InFlight;
 use crate::state::WorkerState;
 
 pub struct Completer {
-    pool: PgPool,
+    conn: HeldConnection,
     steps: QueueName,
     dead_letters: QueueName,
     results: QueueName,
@@ -40,7 +41,7 @@ impl Completer {
         completions: mpsc::Receiver<Completion>,
     ) -> Self {
         Self {
-            pool,
+            conn: HeldConnection::new(pool),
             steps: QueueName::steps(&config.namespace),
             dead_letters: QueueName::dead_letters(&config.namespace),
             results: QueueName::results(),
@@ -80,6 +81,7 @@ impl Completer {
                         break;
                     }
                     Err(e) => {
+                        self.conn.discard();
                         self.state.db_error();
                         let delay = backoff.next_delay();
                         warn!(error = %e, batch = batch.len(), retry_in = ?delay, "completing steps failed");
@@ -98,7 +100,8 @@ impl Completer {
 
     /// Commits one batch in one transaction. Results of withdrawn steps are
     /// not sent (nobody wants them), but their messages are deleted all the same.
-    pub async fn run_once(&self, batch: &[Completion]) -> Result<(), sqlx::Error> {
+    /// The connection is the one the completer holds (a fresh one after a failure).
+    pub async fn run_once(&mut self, batch: &[Completion]) -> Result<(), sqlx::Error> {
         let results: Vec<Value> = batch
             .iter()
             .filter(|c| !self.in_flight.is_withdrawn(c.msg_id()))
@@ -116,10 +119,11 @@ impl Completer {
 
         // A message already gone (withdrawn, or redelivered and completed
         // elsewhere) deletes nothing; its result is sent anyway, and fenced.
+        let conn = self.conn.get().await?;
         let deleted = if dead.is_empty() {
-            queue::complete(&self.pool, &self.steps, &ids, &self.results, &results).await?
+            queue::complete(&mut *conn, &self.steps, &ids, &self.results, &results).await?
         } else {
-            let mut tx = self.pool.begin().await?;
+            let mut tx = conn.begin().await?;
             if !results.is_empty() {
                 queue::send_batch(&mut *tx, &self.results, &results).await?;
             }

@@ -65,6 +65,12 @@ pub enum Error {
     Stopped,
     #[error("the worker's {0} loop stopped unexpectedly")]
     LoopFailed(&'static str),
+    #[error(
+        "the database pool allows {0} connections (WEFT_DB_MAX_CONNECTIONS), but a worker \
+         keeps 3 open (the reader's, its LISTEN, the completer's) and its heartbeat needs \
+         one more: allow at least 4"
+    )]
+    TooFewConnections(u32),
 }
 
 /// Collects handlers, then builds a [`Worker`].
@@ -170,6 +176,10 @@ impl Worker {
             registry,
             state,
         } = self;
+        let max_connections = pool.options().get_max_connections();
+        if max_connections < 4 {
+            return Err(Error::TooFewConnections(max_connections));
+        }
         let slots = config.slots();
         let in_flight = InFlight::default();
         let (deliveries_tx, deliveries_rx) = mpsc::channel(slots);

@@ -6,6 +6,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use shared::conn::HeldConnection;
 use shared::queue::{self, QueueName};
 use sqlx::PgPool;
 use tokio::sync::{Semaphore, mpsc};
@@ -38,6 +39,7 @@ impl ReadOutcome {
 
 pub struct Reader {
     pool: PgPool,
+    conn: HeldConnection,
     queue: QueueName,
     lease_secs: i32,
     poll_interval: Duration,
@@ -54,6 +56,7 @@ impl Reader {
         deliveries: mpsc::Sender<Delivery>,
     ) -> Self {
         Self {
+            conn: HeldConnection::new(pool.clone()),
             pool,
             queue: QueueName::steps(&config.namespace),
             lease_secs: config.lease_secs(),
@@ -66,7 +69,7 @@ impl Reader {
 
     /// Reads until `shutdown`; dropping the dispatch channel on return is
     /// what tells the dispatcher to drain.
-    pub async fn run(self, shutdown: CancellationToken) {
+    pub async fn run(mut self, shutdown: CancellationToken) {
         let mut wake = Wake::new(self.pool.clone(), self.queue.channel());
         let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(10));
         info!(queue = %self.queue, "reading steps");
@@ -116,8 +119,9 @@ impl Reader {
     }
 
     /// Takes the free slots (up to 32) without waiting, reads that
-    /// many messages at most, and dispatches what it read.
-    pub async fn run_once(&self) -> Result<ReadOutcome, Error> {
+    /// many messages at most (on the connection the reader holds, a fresh
+    /// one after a failure), and dispatches what it read.
+    pub async fn run_once(&mut self) -> Result<ReadOutcome, Error> {
         let free = self.slots.available_permits().min(MAX_READ);
         let Some(mut permits) = u32::try_from(free)
             .ok()
@@ -127,7 +131,14 @@ impl Reader {
             return Ok(ReadOutcome { asked: 0, read: 0 });
         };
         let asked = i32::try_from(free).unwrap_or(i32::MAX);
-        let messages = queue::read(&self.pool, &self.queue, self.lease_secs, asked).await?;
+        let conn = self.conn.get().await?;
+        let messages = match queue::read(conn, &self.queue, self.lease_secs, asked).await {
+            Ok(messages) => messages,
+            Err(e) => {
+                self.conn.discard();
+                return Err(e.into());
+            }
+        };
         self.state.db_ok();
         let read = messages.len();
         if read > 0 {

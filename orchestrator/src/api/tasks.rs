@@ -176,12 +176,15 @@ pub async fn create_task(
     let request = parse_object::<CreateTaskBody>(&body)?
         .check()?
         .into_request();
-    let created = tasks::create_task(&state.pool, request).await?;
+    let (created, view) = tasks::create_task_viewed(&state.pool, request).await?;
     let status = match created {
         Created::New(_) => StatusCode::CREATED,
         Created::Existing(_) => StatusCode::OK,
     };
-    let body = task_body(&state.pool, created.id()).await?;
+    let body = match view {
+        Some(view) => Task::from(view),
+        None => task_body(&state.pool, created.id()).await?,
+    };
     Ok((status, Json(body)).into_response())
 }
 

@@ -135,13 +135,19 @@ impl From<store::StepRow> for Step {
 
 /// A task with its steps, as every task read returns it.
 pub async fn task_body(pool: &PgPool, id: TaskId) -> Result<Task, ApiError> {
-    // Two connections at once: the view costs one round trip, not two.
-    let (task, steps) = tokio::try_join!(store::get_task(pool, id), store::get_steps(pool, id))?;
-    let task = task.ok_or_else(|| ApiError::NotFound(format!("task {id} not found")))?;
-    Ok(Task {
-        task: task.into(),
-        steps: steps.into_iter().map(Into::into).collect(),
-    })
+    store::task_view(pool, id)
+        .await?
+        .map(Task::from)
+        .ok_or_else(|| ApiError::NotFound(format!("task {id} not found")))
+}
+
+impl From<store::TaskView> for Task {
+    fn from(view: store::TaskView) -> Self {
+        Self {
+            task: view.task.into(),
+            steps: view.steps.into_iter().map(Into::into).collect(),
+        }
+    }
 }
 
 /// A task id from the path; a 400 when it is not a UUID.
