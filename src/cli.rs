@@ -1,12 +1,13 @@
 //! Command dispatch: build the runtime, tracing and pool, then call the library.
 
 use std::process::ExitCode;
+use std::str::FromStr;
 use std::time::Duration;
 
 use anyhow::Context;
 use clap::Parser;
 use sqlx::PgPool;
-use sqlx::postgres::PgPoolOptions;
+use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use tokio_util::sync::CancellationToken;
 use tracing::{error, info};
 
@@ -183,10 +184,16 @@ pub async fn connect_url(url: &str, max_connections: u32) -> anyhow::Result<PgPo
     let options = PgPoolOptions::new()
         .max_connections(max_connections)
         .acquire_timeout(Duration::from_secs(10));
+    // No JIT: Weft's statements are short, and a cost estimate that crosses
+    // jit_above_cost after an ANALYZE made every execution compile for
+    // seconds (see migrations/…_no_jit.sql).
+    let connect = PgConnectOptions::from_str(url)
+        .context("DATABASE_URL is not a valid PostgreSQL URL")?
+        .options([("jit", "off")]);
     let mut delay = Duration::from_millis(100);
     let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
     loop {
-        match options.clone().connect(url).await {
+        match options.clone().connect_with(connect.clone()).await {
             Ok(pool) => return Ok(pool),
             Err(e) if tokio::time::Instant::now() < deadline => {
                 info!(error = %e, "database not reachable yet; retrying");

@@ -185,7 +185,9 @@ impl Server {
 }
 
 /// A pool for the benchmark's own queries (which log nothing, not even
-/// slow statements: DROP DATABASE is slow and expected to be).
+/// slow statements: DROP DATABASE is slow and expected to be). Without JIT,
+/// as Weft's own: a progress query compiling for a second would take the
+/// CPU from what is being measured.
 pub async fn connect(url: &str, max: u32) -> anyhow::Result<PgPool> {
     let options: PgConnectOptions = url
         .parse()
@@ -193,7 +195,11 @@ pub async fn connect(url: &str, max: u32) -> anyhow::Result<PgPool> {
     PgPoolOptions::new()
         .max_connections(max)
         .acquire_timeout(Duration::from_secs(30))
-        .connect_with(options.disable_statement_logging())
+        .connect_with(
+            options
+                .disable_statement_logging()
+                .options([("jit", "off")]),
+        )
         .await
         .with_context(|| format!("connecting to {}", redact(url)))
 }

@@ -62,3 +62,38 @@ async fn migrations_apply_to_an_empty_database_and_are_idempotent() {
     b.expect("migrator b");
     c.expect("migrator c");
 }
+
+/// No engine function may JIT-compile: a cost estimate past
+/// `jit_above_cost` after an ANALYZE made every execution compile for
+/// seconds (the stalls of `migrations/…_no_jit.sql`). Every PL/pgSQL
+/// function of the schema carries `jit=off`, so a function added later
+/// without it fails here; and Weft's own connections turn JIT off.
+#[tokio::test]
+async fn the_engine_never_jit_compiles() {
+    let url = support::fresh_database().await;
+    let pool = support::pool(&url, 2).await;
+    let (plpgsql, without): (i64, Vec<String>) = sqlx::query_as(
+        "select count(*),
+                coalesce(array_agg(p.oid::regprocedure::text)
+                         filter (where not coalesce('jit=off' = any (p.proconfig), false)), '{}')
+           from pg_proc p
+           join pg_namespace n on n.oid = p.pronamespace
+           join pg_language l on l.oid = p.prolang
+          where n.nspname = 'weft' and l.lanname = 'plpgsql'",
+    )
+    .fetch_one(&pool)
+    .await
+    .unwrap();
+    assert!(
+        plpgsql >= 10,
+        "the engine's functions are PL/pgSQL: {plpgsql}"
+    );
+    assert!(without.is_empty(), "without jit=off: {without:?}");
+
+    let weft_pool = weft::cli::connect_url(&url, 2).await.unwrap();
+    let jit: String = sqlx::query_scalar("show jit")
+        .fetch_one(&weft_pool)
+        .await
+        .unwrap();
+    assert_eq!(jit, "off");
+}
