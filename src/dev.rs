@@ -32,11 +32,20 @@ pub async fn run(args: DevArgs) -> anyhow::Result<ExitCode> {
             tokio::task::spawn_blocking(move || crate::pg::start(port)).await??
         }
     };
-    let pool = cli::connect_url(&url, 20).await?;
+    let templates = load_examples(&args.examples)?;
+    // One pool for the orchestrator, a worker per namespace and the
+    // examples: the loops hold their connections (6 for the orchestrator,
+    // 3 per worker), and the API and heartbeats need some besides.
+    let namespaces = templates
+        .iter()
+        .map(|t| &t.namespace)
+        .collect::<BTreeSet<_>>()
+        .len();
+    let workers = u32::try_from(namespaces).unwrap_or(u32::MAX / 8);
+    let pool = cli::connect_url(&url, 20 + 4 * workers).await?;
     shared::migrate::run(&pool).await.context("migrating")?;
     eprintln!("database ready at {url}");
 
-    let templates = load_examples(&args.examples)?;
     let shutdown = cli::shutdown_on_signals();
     let tracker = TaskTracker::new();
     if !args.http_addr.ip().is_loopback() {

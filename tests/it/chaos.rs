@@ -46,11 +46,13 @@ async fn register_all(pool: &sqlx::PgPool) {
     }
 }
 
-async fn submit(pool: &sqlx::PgPool, total: usize) -> HashMap<uuid::Uuid, TaskState> {
+/// Creates tasks `first..first + count` of the mix; returns each one's
+/// expected final state.
+async fn submit(pool: &sqlx::PgPool, first: usize, count: usize) -> HashMap<uuid::Uuid, TaskState> {
     let mut expected = HashMap::new();
     let mut requests = Vec::new();
     let mut kinds = Vec::new();
-    for i in 0..total {
+    for i in first..first + count {
         let (name, _, state) = TEMPLATES[i % TEMPLATES.len()];
         requests.push(orchestrator::tasks::CreateTask {
             namespace: "chaos".into(),
@@ -64,7 +66,7 @@ async fn submit(pool: &sqlx::PgPool, total: usize) -> HashMap<uuid::Uuid, TaskSt
         kinds.push(state);
     }
     // Same-template runs are grouped, so sort by template for bulk inserts.
-    let mut order: Vec<usize> = (0..total).collect();
+    let mut order: Vec<usize> = (0..count).collect();
     order.sort_by_key(|i| requests[*i].name.clone());
     for chunk in order.chunks(250) {
         let batch: Vec<_> = chunk.iter().map(|i| requests[*i].clone()).collect();
@@ -145,7 +147,7 @@ async fn processes_survive_database_restarts() {
     })
     .await;
     assert!(up, "processes never became ready");
-    let expected = submit(&pool, 300).await;
+    let expected = submit(&pool, 0, 300).await;
 
     cluster.stop();
     let down = support::wait_until(Duration::from_secs(30), || async {
@@ -160,7 +162,7 @@ async fn processes_survive_database_restarts() {
     .await;
     assert!(back, "readiness must recover with the database");
     cluster.restart("immediate");
-    let more = submit(&pool, 100).await;
+    let more = submit(&pool, 300, 100).await;
     fleet::wait_all_final(&pool, Duration::from_secs(120)).await;
     let mut all = expected;
     all.extend(more);
@@ -169,8 +171,9 @@ async fn processes_survive_database_restarts() {
 
 /// 2,000 mixed tasks across 3 orchestrators and 4 workers while a controller
 /// SIGKILLs a random process every second or two (and restarts it), and
-/// restarts PostgreSQL once. Every task ends in its expected state and
-/// `weft check` reports nothing.
+/// restarts PostgreSQL once. The tasks arrive in five waves, one per kill, so
+/// the chaos meets open work however fast the fleet drains it. Every task
+/// ends in its expected state and `weft check` reports nothing.
 #[tokio::test]
 async fn chaos_run() {
     let cluster = Cluster::start().await;
@@ -206,30 +209,37 @@ async fn chaos_run() {
         .map(|_| (true, orchestrator(&cluster.url)))
         .chain((0..4).map(|_| (false, worker(&cluster.url))))
         .collect();
+    const WAVES: usize = 5;
+    const WAVE: usize = 400;
     let started = Instant::now();
-    let expected = submit(&pool, 2000).await;
+    let mut expected = HashMap::new();
+    let mut waves = 0;
     let mut kills = 0;
     let mut restarted_db = false;
     let deadline = Instant::now() + Duration::from_secs(300);
     loop {
+        if waves < WAVES {
+            expected.extend(submit(&pool, waves * WAVE, WAVE).await);
+            waves += 1;
+            // The last wave is barely started: the restart meets open work.
+            if waves == WAVES {
+                cluster.restart("immediate");
+                restarted_db = true;
+            }
+        }
         let open: i64 = sqlx::query_scalar(
             "select count(*) from weft.tasks where state in ('pending', 'running')",
         )
         .fetch_one(&pool)
         .await
         .unwrap_or(i64::MAX);
-        if open == 0 {
+        if open == 0 && waves == WAVES {
             break;
         }
         assert!(
             Instant::now() < deadline,
             "{open} tasks still open after the deadline"
         );
-        if !restarted_db && open < 1400 {
-            cluster.restart("immediate");
-            restarted_db = true;
-            continue;
-        }
         let victim = rand::rng().random_range(0..procs.len());
         let (is_orchestrator, proc) = &procs[victim];
         proc.signal("KILL");
@@ -254,7 +264,8 @@ async fn chaos_run() {
     .await
     .unwrap();
     println!(
-        "chaos run: 2000 tasks in {:.1}s, {kills} kills survived, database restarted once, longest enqueue-to-result {longest:.2}s",
+        "chaos run: {} tasks in {:.1}s, {kills} kills survived, database restarted once, longest enqueue-to-result {longest:.2}s",
+        WAVES * WAVE,
         elapsed.as_secs_f64()
     );
     assert!(restarted_db);
