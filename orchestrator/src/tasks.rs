@@ -140,7 +140,11 @@ async fn prepare(
 
 /// Creates one task.
 pub async fn create_task(pool: &PgPool, request: CreateTask) -> Result<Created, StoreError> {
-    Ok(create_task_viewed(pool, request).await?.0)
+    let (created, _) = create(pool, std::slice::from_ref(&request), false).await?;
+    created
+        .into_iter()
+        .next()
+        .ok_or(StoreError::IdempotencyConflict)
 }
 
 /// Creates one task; a new task without an idempotency key comes back with

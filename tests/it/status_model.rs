@@ -778,6 +778,61 @@ async fn a_result_batch_takes_the_retries_due_along() {
     assert_eq!(queued, 1);
 }
 
+/// A retry due on a task of the batch itself is enqueued once, as the
+/// batch's own work: the claim leaves the batch's tasks out, so the step is
+/// neither sent twice nor counted as a claimed retry.
+#[tokio::test]
+async fn a_due_retry_on_the_batchs_own_task_is_enqueued_once() {
+    let pool = support::fresh_pool().await;
+    let now = Utc::now();
+    let template_id = combo_template(&pool, "own").await;
+    let (task, done_step, retry_step) = (Uuid::new_v4(), Uuid::new_v4(), Uuid::new_v4());
+    insert_rows(
+        &pool,
+        template_id,
+        "continue",
+        now,
+        &[task],
+        &[
+            (task, done_step, 0, Variant::Enqueued.row(now)),
+            (task, retry_step, 1, Variant::RetryDue.row(now)),
+        ],
+        &[],
+    )
+    .await;
+    let result = json!([{ "v": 1, "task_id": task, "step_id": done_step, "attempt": 1,
+                          "status": "success", "output": {} }]);
+    let sqlx::types::Json(batch): sqlx::types::Json<serde_json::Value> =
+        sqlx::query_scalar("select weft.collect_results($1, '{}')")
+            .bind(&result)
+            .fetch_one(&pool)
+            .await
+            .unwrap();
+    assert_eq!(batch["retries"], 0, "{batch}");
+    let enqueued: Vec<&serde_json::Value> = batch["enqueued"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| &e["step_id"])
+        .collect();
+    assert_eq!(enqueued, [&json!(retry_step)], "{batch}");
+    let (state, attempts): (String, i32) =
+        sqlx::query_as("select state, attempts from weft.steps where id = $1")
+            .bind(retry_step)
+            .fetch_one(&pool)
+            .await
+            .unwrap();
+    assert_eq!((state.as_str(), attempts), ("enqueued", 2));
+    let queued: i64 = sqlx::query_scalar(
+        "select count(*) from pgmq.q_weft_steps_combo where (message ->> 'step_id')::uuid = $1",
+    )
+    .bind(retry_step)
+    .fetch_one(&pool)
+    .await
+    .unwrap();
+    assert_eq!(queued, 1);
+}
+
 async fn combo_template(pool: &PgPool, name: &str) -> i64 {
     sqlx::query("select weft.ensure_namespace('combo')")
         .execute(pool)
