@@ -109,8 +109,10 @@ pub struct OrchestratorArgs {
     /// Results applied per transaction.
     #[arg(long, env = "WEFT_RESULT_BATCH", default_value_t = 100)]
     pub result_batch: i32,
-    /// How long a result read by a collector stays hidden; if the collector
-    /// dies, its results reappear after this.
+    /// How long a result the batch statement hands to the decoder (not
+    /// plainly well formed), or one read after a failed batch, stays hidden
+    /// from other collectors. The usual batch holds row locks instead, which
+    /// a dead orchestrator releases at once.
     #[arg(long, env = "WEFT_RESULT_LEASE", default_value = "30s", value_parser = duration)]
     pub result_lease: Duration,
     /// Fallback poll interval when no notification arrives (jittered).

@@ -1,6 +1,6 @@
 //! The `Collector`: consumes the result queue, applies results with fencing,
 //! enqueues what became ready and finalizes tasks: one statement (one round
-//! trip, one transaction) per batch, `weft.collect_results`.
+//! trip, one transaction) per batch, read included: `weft.collect_batch`.
 
 use std::time::Duration;
 
@@ -22,8 +22,10 @@ use crate::wake::{Wake, jittered};
 pub struct CollectorConfig {
     /// Results per transaction.
     pub batch_size: i32,
-    /// How long a read result stays hidden from other collectors; if this
-    /// orchestrator dies mid-batch, the results reappear after it.
+    /// How long a result the batch statement handed back to the decoder, or
+    /// one read for the one-at-a-time pass after a failure, stays hidden from
+    /// other collectors. The usual batch holds row locks instead: if this
+    /// orchestrator dies mid-batch, its results are visible again at once.
     pub lease: Duration,
     /// Fallback poll when no notification arrives.
     pub poll_interval: Duration,
@@ -57,6 +59,8 @@ pub struct Collector {
     conn: HeldConnection,
     config: CollectorConfig,
     metrics: Metrics,
+    /// Whether the next pass applies results one at a time (after a failure).
+    isolate: bool,
 }
 
 impl Collector {
@@ -66,6 +70,7 @@ impl Collector {
             pool,
             config,
             metrics,
+            isolate: false,
         }
     }
 
@@ -95,43 +100,132 @@ impl Collector {
     /// Reads and applies one batch of results, on the connection this
     /// collector holds (a fresh one after a failure).
     pub async fn run_once(&mut self) -> Result<Collected, store::StoreError> {
-        let collected = self.collect().await;
+        let collected = if std::mem::take(&mut self.isolate) {
+            self.collect_one_by_one().await
+        } else {
+            self.collect().await
+        };
         if collected.is_err() {
             self.conn.discard();
+            // A batch that failed may hold a result that fails every batch
+            // it is in: the next pass applies them one at a time.
+            self.isolate = true;
         }
         collected
     }
 
+    fn lease_secs(&self) -> i32 {
+        i32::try_from(self.config.lease.as_secs().max(1)).unwrap_or(30)
+    }
+
+    /// The usual pass: read, apply and delete in one statement
+    /// (`weft.collect_batch`); messages it did not accept come back leased
+    /// and are judged by the decoder.
     async fn collect(&mut self) -> Result<Collected, store::StoreError> {
-        let lease = i32::try_from(self.config.lease.as_secs().max(1)).unwrap_or(30);
+        let lease = self.lease_secs();
+        let conn = self.conn.get().await?;
+        let read = store::collect_batch(&mut *conn, self.config.batch_size, lease).await?;
+        let mut done = Collected {
+            read: read.results.len() + read.unchecked.len(),
+            ..Collected::default()
+        };
+        for (value, a) in read.results.iter().zip(&read.applied) {
+            match ResultMessage::decode(value) {
+                Ok(result) => crate::spans::applied(&result, &a.outcome),
+                Err(e) => debug!(error = %e, "applied result has no span"),
+            }
+        }
+        let batch = store::CollectedBatch {
+            applied: read.applied,
+            enqueued: read.enqueued,
+            finalized: read.finalized,
+            retries: read.retries,
+        };
+        record(&self.metrics, &batch, &mut done);
+        if !read.unchecked.is_empty() {
+            Self::judge(&mut *conn, &self.metrics, &read.unchecked, &mut done).await?;
+        }
+        self.metrics.results(
+            done.applied as u64,
+            done.stale as u64,
+            done.malformed as u64,
+        );
+        Ok(done)
+    }
+
+    /// After a failed pass: lease a batch and apply it one result per
+    /// statement, so one result that cannot be applied (the database refuses
+    /// it, whatever the batch) is dead-lettered instead of failing every
+    /// batch it lands in. A transient failure (connection, deadlock,
+    /// shutdown) stops the pass; the rest come back after their lease.
+    async fn collect_one_by_one(&mut self) -> Result<Collected, store::StoreError> {
+        let lease = self.lease_secs();
         let results = QueueName::results();
         let conn = self.conn.get().await?;
         let messages = queue::read(&mut *conn, &results, lease, self.config.batch_size).await?;
-        if messages.is_empty() {
-            return Ok(Collected::default());
-        }
         let mut done = Collected {
             read: messages.len(),
             ..Collected::default()
         };
+        for message in &messages {
+            match Self::judge(
+                &mut *conn,
+                &self.metrics,
+                std::slice::from_ref(message),
+                &mut done,
+            )
+            .await
+            {
+                Ok(()) => {}
+                Err(e) if is_transient(&e) => return Err(e),
+                Err(e) => {
+                    warn!(msg_id = message.msg_id, error = %e, "result the database refuses dead-lettered");
+                    let dead = dead_letter(message, "apply_failed", &e.to_string());
+                    let mut tx = conn.begin().await?;
+                    queue::send_batch(&mut *tx, &QueueName::results_dead_letters(), &[dead])
+                        .await?;
+                    queue::delete_batch(&mut *tx, &results, &[message.msg_id]).await?;
+                    tx.commit().await?;
+                    done.malformed += 1;
+                }
+            }
+        }
+        info!(
+            read = done.read,
+            dead_lettered = done.malformed,
+            "results applied one at a time after a failed batch"
+        );
+        self.metrics.results(
+            done.applied as u64,
+            done.stale as u64,
+            done.malformed as u64,
+        );
+        Ok(done)
+    }
+
+    /// Decodes leased result messages: dead-letters those the protocol
+    /// refuses, applies the rest in one statement (`weft.collect_results`).
+    async fn judge(
+        conn: &mut sqlx::PgConnection,
+        metrics: &Metrics,
+        messages: &[QueueMessage],
+        done: &mut Collected,
+    ) -> Result<(), store::StoreError> {
+        let results = QueueName::results();
         let (good, bad): (Vec<_>, Vec<_>) = messages
             .iter()
             .map(|m| (m, ResultMessage::decode(&m.message)))
             .partition(|(_, r)| r.is_ok());
-
         if !bad.is_empty() {
-            // Rare: dead-letter the undecodable ones on their own, so the
-            // good ones still go through in one statement.
             let dead: Vec<Value> = bad
                 .iter()
                 .map(|(m, e)| {
-                    dead_letter(
-                        m,
-                        &e.as_ref()
-                            .err()
-                            .map(ToString::to_string)
-                            .unwrap_or_default(),
-                    )
+                    let detail = e
+                        .as_ref()
+                        .err()
+                        .map(ToString::to_string)
+                        .unwrap_or_default();
+                    dead_letter(m, "malformed_message", &detail)
                 })
                 .collect();
             for (m, e) in &bad {
@@ -142,47 +236,62 @@ impl Collector {
             queue::send_batch(&mut *tx, &QueueName::results_dead_letters(), &dead).await?;
             queue::delete_batch(&mut *tx, &results, &ids).await?;
             tx.commit().await?;
-            done.malformed = bad.len();
+            done.malformed += bad.len();
         }
         let (ids, decoded): (Vec<i64>, Vec<ResultMessage>) = good
             .into_iter()
             .filter_map(|(m, r)| r.ok().map(|r| (m.msg_id, r)))
             .unzip();
-        if !decoded.is_empty() {
-            let payload = Value::Array(decoded.iter().map(ResultMessage::to_value).collect());
-            let batch = store::collect_results(&mut *conn, &payload, &ids).await?;
-            for (result, a) in decoded.iter().zip(&batch.applied) {
-                crate::spans::applied(result, &a.outcome);
-            }
-            done.stale = batch.applied.iter().filter(|a| a.is_stale()).count();
-            done.applied = batch.applied.len() - done.stale;
-            for a in batch.applied.iter().filter(|a| a.is_stale()) {
-                debug!(step.id = %a.step_id, attempt = a.attempt, "stale result dropped");
-            }
-            crate::spans::enqueued(&batch.enqueued);
-            done.enqueued = batch.enqueued.len();
-            done.retries = batch.retries;
-            self.metrics.retries_enqueued(batch.retries as u64);
-            for f in batch.finalized.iter().filter(|f| f.finalized) {
-                info!(task.id = %f.task_id, state = %f.state, "task finished");
-                self.metrics.task_finished(f.state);
-            }
-            done.finalized = batch.finalized.iter().filter(|f| f.finalized).count();
+        if decoded.is_empty() {
+            return Ok(());
         }
-        self.metrics.results(
-            done.applied as u64,
-            done.stale as u64,
-            done.malformed as u64,
-        );
-        Ok(done)
+        let payload = Value::Array(decoded.iter().map(ResultMessage::to_value).collect());
+        let batch = store::collect_results(&mut *conn, &payload, &ids).await?;
+        for (result, a) in decoded.iter().zip(&batch.applied) {
+            crate::spans::applied(result, &a.outcome);
+        }
+        record(metrics, &batch, done);
+        Ok(())
     }
 }
 
-fn dead_letter(message: &QueueMessage, reason: &str) -> Value {
+/// Adds what a batch statement did to `done` (and to the metrics and logs).
+fn record(metrics: &Metrics, batch: &store::CollectedBatch, done: &mut Collected) {
+    let stale = batch.applied.iter().filter(|a| a.is_stale()).count();
+    done.stale += stale;
+    done.applied += batch.applied.len() - stale;
+    for a in batch.applied.iter().filter(|a| a.is_stale()) {
+        debug!(step.id = %a.step_id, attempt = a.attempt, "stale result dropped");
+    }
+    crate::spans::enqueued(&batch.enqueued);
+    done.enqueued += batch.enqueued.len();
+    done.retries += batch.retries;
+    metrics.retries_enqueued(batch.retries as u64);
+    for f in batch.finalized.iter().filter(|f| f.finalized) {
+        info!(task.id = %f.task_id, state = %f.state, "task finished");
+        metrics.task_finished(f.state);
+    }
+    done.finalized += batch.finalized.iter().filter(|f| f.finalized).count();
+}
+
+/// Whether a failed statement may succeed if simply tried again: anything
+/// but an error the database raised about the data (connection loss,
+/// deadlock or serialization failure, shutdown, cancellation, no resources).
+fn is_transient(error: &store::StoreError) -> bool {
+    let store::StoreError::Database(sqlx::Error::Database(db)) = error else {
+        return matches!(error, store::StoreError::Database(_));
+    };
+    let code = db.code().unwrap_or_default();
+    ["08", "40", "53", "55", "57", "58"]
+        .iter()
+        .any(|class| code.starts_with(class))
+}
+
+fn dead_letter(message: &QueueMessage, reason: &str, detail: &str) -> Value {
     serde_json::json!({
         "v": 1,
-        "reason": "malformed_message",
-        "detail": reason,
+        "reason": reason,
+        "detail": detail,
         "queue": queue::RESULTS,
         "msg_id": message.msg_id,
         "read_ct": message.read_ct,

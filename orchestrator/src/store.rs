@@ -410,6 +410,40 @@ pub async fn collect_results(
     Ok(batch)
 }
 
+/// What one [`collect_batch`] did: the batch (when it applied anything),
+/// the results it applied as checked, and the messages it did not accept.
+#[derive(Debug, Default, Deserialize)]
+#[serde(default)]
+pub struct ReadBatch {
+    /// As in [`CollectedBatch`]; all empty when nothing was applied.
+    pub applied: Vec<Applied>,
+    pub enqueued: Vec<Enqueued>,
+    pub finalized: Vec<Finalized>,
+    pub retries: usize,
+    /// The applied result messages as checked, in `applied`'s order.
+    pub results: Vec<Value>,
+    /// Messages that are not plainly well formed, now leased to this
+    /// collector for the orchestrator's decoder to judge.
+    pub unchecked: Vec<shared::queue::QueueMessage>,
+}
+
+/// One collector batch in one statement, the read included
+/// (`weft.collect_batch`): picks up to `limit` visible results, applies the
+/// well-formed ones as [`collect_results`] does and leases the others for
+/// `lease_secs`. One round trip and one commit.
+pub async fn collect_batch(
+    executor: impl PgExecutor<'_>,
+    limit: i32,
+    lease_secs: i32,
+) -> Result<ReadBatch, StoreError> {
+    let sqlx::types::Json(batch) = sqlx::query_scalar("select weft.collect_batch($1, $2)")
+        .bind(limit)
+        .bind(lease_secs)
+        .fetch_one(executor)
+        .await?;
+    Ok(batch)
+}
+
 /// One retry-scheduler iteration (`weft.dispatch_due_retries`).
 #[derive(Debug, Deserialize)]
 pub struct DispatchedRetries {

@@ -71,7 +71,7 @@ impl fmt::Display for QueueName {
 }
 
 /// A message read from a queue.
-#[derive(Debug, Clone, sqlx::FromRow)]
+#[derive(Debug, Clone, sqlx::FromRow, serde::Deserialize)]
 pub struct QueueMessage {
     pub msg_id: i64,
     /// How many times it has been read, this read included.
