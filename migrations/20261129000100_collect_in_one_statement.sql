@@ -41,9 +41,13 @@ $$;
 -- from the fields the protocol defines, or null when it is not plainly well
 -- formed. Written as one CASE so the checks run in order and no cast ever
 -- sees a value it would refuse (a failed cast would abort the batch).
+-- Stable, not immutable, because jsonb_build_object is: PostgreSQL inlines
+-- a SQL function into its caller only when the declared volatility covers
+-- its body, and one that is not inlined is planned again at every call
+-- (measured: 0.4 ms of a one-result batch).
 create function weft.checked_result(p_message jsonb)
 returns jsonb
-language sql immutable parallel safe
+language sql stable parallel safe
 as $$
     select case
         when jsonb_typeof(p_message) is distinct from 'object' then null

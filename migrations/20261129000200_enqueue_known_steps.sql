@@ -55,10 +55,18 @@ begin
                    'enqueued_at', v_now,
                    'trace', t.trace_context) as message
         from weft.steps s
-        join weft.tasks t on t.id = s.task_id
+        -- The task per step, by key. As a plain join, the generic plan
+        -- (made when the statistics say "one active task") walked every
+        -- active task and probed its steps for the batch's ids: linear in
+        -- the active tasks, per call. `offset 0` keeps the lookup a lookup.
+        cross join lateral (
+            select t.namespace, t.input, t.trace_context
+              from weft.tasks t
+             where t.id = s.task_id and t.state in ('pending', 'running')
+            offset 0
+        ) t
         where s.id = any (p_step_ids)
           and s.state in ('pending', 'waiting_retry')
-          and t.state in ('pending', 'running')
         order by s.task_id, s.position
     )
     select array_agg(b.task_id), array_agg(b.id), array_agg(b.namespace), array_agg(b.state),
