@@ -385,8 +385,9 @@ pub struct CollectedBatch {
     /// One per result, in the order given.
     pub applied: Vec<Applied>,
     pub enqueued: Vec<Enqueued>,
-    /// One per task the results touched that got no step enqueued (a task
-    /// with a step just enqueued cannot be finished, so it is not evaluated).
+    /// One per task the results touched that got no step enqueued and had
+    /// none in flight (a task with a step enqueued cannot be finished, so it
+    /// is not evaluated).
     pub finalized: Vec<Finalized>,
     /// Steps of due retries the batch claimed and enqueued along the way
     /// (they are among `enqueued`).

@@ -846,3 +846,59 @@ async fn combo_template(pool: &PgPool, name: &str) -> i64 {
     .await
     .unwrap()
 }
+
+/// A result batch evaluates for finishing only the tasks with no step in
+/// flight: a task whose other step still runs is left alone (it cannot be
+/// finished), and is finished by the batch that completes its last step.
+#[tokio::test]
+async fn a_task_with_a_step_in_flight_is_not_evaluated_for_finishing() {
+    let pool = support::fresh_pool().await;
+    let now = Utc::now();
+    let template_id = combo_template(&pool, "inflight").await;
+    let (task, first, second) = (Uuid::new_v4(), Uuid::new_v4(), Uuid::new_v4());
+    insert_rows(
+        &pool,
+        template_id,
+        "fail_fast",
+        now,
+        &[task],
+        &[
+            (task, first, 0, Variant::Enqueued.row(now)),
+            (task, second, 1, Variant::Enqueued.row(now)),
+        ],
+        &[],
+    )
+    .await;
+    let collect = |step: Uuid| {
+        let pool = pool.clone();
+        async move {
+            let result = json!([{ "v": 1, "task_id": task, "step_id": step, "attempt": 1,
+                                  "status": "success", "output": {} }]);
+            let sqlx::types::Json(batch): sqlx::types::Json<serde_json::Value> =
+                sqlx::query_scalar("select weft.collect_results($1, '{}')")
+                    .bind(&result)
+                    .fetch_one(&pool)
+                    .await
+                    .unwrap();
+            batch
+        }
+    };
+    let task_state = || async {
+        sqlx::query_scalar::<_, String>("select state from weft.tasks where id = $1")
+            .bind(task)
+            .fetch_one(&pool)
+            .await
+            .unwrap()
+    };
+
+    let batch = collect(first).await;
+    assert_eq!(batch["applied"][0]["outcome"], "complete", "{batch}");
+    assert_eq!(batch["finalized"], json!([]), "{batch}");
+    assert_eq!(task_state().await, "running");
+
+    let batch = collect(second).await;
+    assert_eq!(batch["applied"][0]["outcome"], "complete", "{batch}");
+    assert_eq!(batch["finalized"][0]["task_id"], json!(task), "{batch}");
+    assert_eq!(batch["finalized"][0]["finalized"], json!(true), "{batch}");
+    assert_eq!(task_state().await, "complete");
+}
