@@ -124,19 +124,24 @@ declare
     v_unchecked bigint[];
     v_out jsonb := '{}';
 begin
-    with picked as (
-        select q.msg_id, weft.checked_result(q.message) as checked
+    -- Checked once each, and only once locked: a check in the locking
+    -- scan itself would also run on every row another collector holds.
+    with picked as materialized (
+        select q.msg_id, q.message
           from pgmq.q_weft_results q
          where q.vt <= clock_timestamp()
          order by q.msg_id
          limit p_limit
            for update skip locked
+    ),
+    checked as materialized (
+        select p.msg_id, weft.checked_result(p.message) as checked from picked p
     )
-    select array_agg(p.msg_id order by p.msg_id) filter (where p.checked is not null),
-           array_agg(p.checked order by p.msg_id) filter (where p.checked is not null),
-           array_agg(p.msg_id order by p.msg_id) filter (where p.checked is null)
+    select array_agg(c.msg_id order by c.msg_id) filter (where c.checked is not null),
+           array_agg(c.checked order by c.msg_id) filter (where c.checked is not null),
+           array_agg(c.msg_id order by c.msg_id) filter (where c.checked is null)
       into v_ids, v_checked, v_unchecked
-      from picked p;
+      from checked c;
 
     if v_ids is not null then
         v_results := to_jsonb(v_checked);

@@ -35,10 +35,17 @@ begin
     -- A task with a step in flight cannot be finished either (complete needs
     -- every step complete or resolved, error needs none enqueued): only the
     -- others are evaluated.
+    -- The steps are read per task by key: written as a plain `not exists
+    -- (… state = 'enqueued')`, the generic plan scanned the index of every
+    -- enqueued step once per task of the batch (W6 storm: 80,000 rows
+    -- for a batch of 90, 8.5 ms); `offset 0` keeps the state test out of
+    -- the lookup, so only the task's own steps are read.
     v_idle := array(select t from unnest(p_task_ids) t
                      where t not in (select b from unnest(v_busy) b)
-                       and not exists (select 1 from weft.steps s
-                                        where s.task_id = t and s.state = 'enqueued'));
+                       and not exists (select 1
+                                         from (select s.state from weft.steps s
+                                                where s.task_id = t offset 0) x
+                                        where x.state = 'enqueued'));
     if cardinality(v_idle) > 0 then
         select coalesce(jsonb_agg(jsonb_build_object(
                    'task_id', f.task_id, 'state', f.state,
