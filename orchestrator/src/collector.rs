@@ -129,19 +129,13 @@ impl Collector {
             read: read.results.len() + read.unchecked.len(),
             ..Collected::default()
         };
-        for (value, a) in read.results.iter().zip(&read.applied) {
+        for (value, a) in read.results.iter().zip(&read.batch.applied) {
             match ResultMessage::decode(value) {
                 Ok(result) => crate::spans::applied(&result, &a.outcome),
                 Err(e) => debug!(error = %e, "applied result has no span"),
             }
         }
-        let batch = store::CollectedBatch {
-            applied: read.applied,
-            enqueued: read.enqueued,
-            finalized: read.finalized,
-            retries: read.retries,
-        };
-        record(&self.metrics, &batch, &mut done);
+        record(&self.metrics, &read.batch, &mut done);
         if !read.unchecked.is_empty() {
             Self::judge(&mut *conn, &self.metrics, &read.unchecked, &mut done).await?;
         }
@@ -181,11 +175,7 @@ impl Collector {
                 Err(e) => {
                     warn!(msg_id = message.msg_id, error = %e, "result the database refuses dead-lettered");
                     let dead = dead_letter(message, "apply_failed", &e.to_string());
-                    let mut tx = conn.begin().await?;
-                    queue::send_batch(&mut *tx, &QueueName::results_dead_letters(), &[dead])
-                        .await?;
-                    queue::delete_batch(&mut *tx, &results, &[message.msg_id]).await?;
-                    tx.commit().await?;
+                    move_to_dead_letters(&mut *conn, &[message.msg_id], &[dead]).await?;
                     done.malformed += 1;
                 }
             }
@@ -211,7 +201,6 @@ impl Collector {
         messages: &[QueueMessage],
         done: &mut Collected,
     ) -> Result<(), store::StoreError> {
-        let results = QueueName::results();
         let (good, bad): (Vec<_>, Vec<_>) = messages
             .iter()
             .map(|m| (m, ResultMessage::decode(&m.message)))
@@ -232,10 +221,7 @@ impl Collector {
                 warn!(msg_id = m.msg_id, error = ?e.as_ref().err(), "malformed result message dead-lettered");
             }
             let ids: Vec<i64> = bad.iter().map(|(m, _)| m.msg_id).collect();
-            let mut tx = conn.begin().await?;
-            queue::send_batch(&mut *tx, &QueueName::results_dead_letters(), &dead).await?;
-            queue::delete_batch(&mut *tx, &results, &ids).await?;
-            tx.commit().await?;
+            move_to_dead_letters(&mut *conn, &ids, &dead).await?;
             done.malformed += bad.len();
         }
         let (ids, decoded): (Vec<i64>, Vec<ResultMessage>) = good
@@ -253,6 +239,18 @@ impl Collector {
         record(metrics, &batch, done);
         Ok(())
     }
+}
+
+/// Moves result messages to the result dead-letter queue, in one transaction.
+async fn move_to_dead_letters(
+    conn: &mut sqlx::PgConnection,
+    msg_ids: &[i64],
+    dead: &[Value],
+) -> Result<(), sqlx::Error> {
+    let mut tx = conn.begin().await?;
+    queue::send_batch(&mut *tx, &QueueName::results_dead_letters(), dead).await?;
+    queue::delete_batch(&mut *tx, &QueueName::results(), msg_ids).await?;
+    tx.commit().await
 }
 
 /// Adds what a batch statement did to `done` (and to the metrics and logs).

@@ -379,8 +379,10 @@ pub async fn finalize_tasks(
     .await?)
 }
 
-/// What one collector batch did, in [`collect_results`]'s one statement.
-#[derive(Debug, Clone, Deserialize)]
+/// What one collector batch did, in [`collect_results`]'s one statement
+/// (all empty when it applied nothing).
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(default)]
 pub struct CollectedBatch {
     /// One per result, in the order given.
     pub applied: Vec<Applied>,
@@ -416,12 +418,9 @@ pub async fn collect_results(
 #[derive(Debug, Default, Deserialize)]
 #[serde(default)]
 pub struct ReadBatch {
-    /// As in [`CollectedBatch`]; all empty when nothing was applied.
-    pub applied: Vec<Applied>,
-    pub enqueued: Vec<Enqueued>,
-    pub finalized: Vec<Finalized>,
-    pub retries: usize,
-    /// The applied result messages as checked, in `applied`'s order.
+    #[serde(flatten)]
+    pub batch: CollectedBatch,
+    /// The applied result messages as checked, in `batch.applied`'s order.
     pub results: Vec<Value>,
     /// Messages that are not plainly well formed, now leased to this
     /// collector for the orchestrator's decoder to judge.
