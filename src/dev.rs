@@ -150,6 +150,7 @@ fn load_examples(dir: &std::path::Path) -> anyhow::Result<Vec<Template>> {
 /// transition until all tasks end. Returns whether all completed.
 async fn run_examples(pool: &PgPool, templates: &[Template]) -> anyhow::Result<bool> {
     let mut tasks = Vec::new();
+    let cache = tasks::TemplateCache::default();
     for template in templates {
         let mut conn = pool.acquire().await?;
         let label = format!(
@@ -162,6 +163,7 @@ async fn run_examples(pool: &PgPool, templates: &[Template]) -> anyhow::Result<b
         }
         let created = tasks::create_task(
             pool,
+            &cache,
             CreateTask {
                 namespace: template.namespace.to_string(),
                 name: template.name.to_string(),

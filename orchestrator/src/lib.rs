@@ -163,6 +163,7 @@ pub async fn run(
             let state = api::AppState {
                 pool: pool.clone(),
                 metrics: metrics.clone(),
+                templates: Default::default(),
             };
             let app = api::router(state, &config.auth);
             let graceful = stop.clone();

@@ -25,6 +25,8 @@ pub enum StoreError {
     },
     #[error("template {0} not found")]
     TemplateNotFound(String),
+    #[error("template {0} kept getting new versions while the tasks were created; try again")]
+    TemplateChanging(String),
     #[error("stored template {id} is unreadable: {message}")]
     CorruptTemplate { id: i64, message: String },
     #[error("idempotency key was already used with a different request")]
@@ -152,10 +154,16 @@ pub struct NewTask {
 /// What [`create_tasks`] did.
 #[derive(Debug, Clone, Deserialize)]
 pub struct CreatedTasks {
+    /// Nothing was written: the latest version was asked for and the
+    /// template given is no longer it.
+    #[serde(default)]
+    pub stale: bool,
     /// The tasks inserted; a task whose idempotency key was already taken
     /// is not among them.
+    #[serde(default)]
     pub inserted: Vec<TaskId>,
     /// Their root steps, enqueued.
+    #[serde(default)]
     pub enqueued: Vec<Enqueued>,
     /// The view of the one task inserted, when asked for and exactly one was.
     #[serde(default)]
@@ -168,11 +176,14 @@ pub struct CreatedTasks {
 /// key is already taken are skipped and left out of `inserted`, so the
 /// caller can return the existing task. With `view`, a task created alone
 /// comes back as [`task_view`] reads it, from the same statement
-/// (`weft.create_task_viewed`).
+/// (`weft.create_task_viewed`). With `latest` (the request named no
+/// version), nothing is written and `stale` comes back when a newer version
+/// of the template than `template` exists.
 pub async fn create_tasks(
     executor: impl PgExecutor<'_>,
     template: &Template,
     tasks: &[NewTask],
+    latest: bool,
     view: bool,
 ) -> Result<CreatedTasks, StoreError> {
     let mut task_ids = Vec::with_capacity(tasks.len());
@@ -195,6 +206,7 @@ pub async fn create_tasks(
     // Steps: ids are generated here so edges can name them.
     let n = template.steps.len() * tasks.len();
     let mut step_task = Vec::with_capacity(n);
+    let mut step_task_idx = Vec::with_capacity(n);
     let mut step_ids = Vec::with_capacity(n);
     let mut positions = Vec::with_capacity(n);
     let mut names = Vec::with_capacity(n);
@@ -209,10 +221,11 @@ pub async fn create_tasks(
     let mut edge_task = Vec::new();
     let mut edge_step = Vec::new();
     let mut edge_dep = Vec::new();
-    for task_id in &task_ids {
+    for (task_idx, task_id) in task_ids.iter().enumerate() {
         let ids: Vec<Uuid> = (0..template.steps.len()).map(|_| Uuid::now_v7()).collect();
         for (position, step) in template.steps.iter().enumerate() {
             step_task.push(*task_id);
+            step_task_idx.push(i32::try_from(task_idx + 1).unwrap_or(i32::MAX));
             step_ids.push(ids[position]);
             positions.push(position as i32);
             names.push(step.name.as_str().to_owned());
@@ -235,14 +248,16 @@ pub async fn create_tasks(
     }
     let sql = if view {
         "select weft.create_task_viewed($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13,
-                                        $14, $15, $16, $17, $18, $19, $20, $21, $22, $23, $24)"
+                                        $14, $15, $16, $17, $18, $19, $20, $21, $22, $23, $24,
+                                        $25, $26)"
     } else {
         "select weft.create_tasks($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14,
-                                  $15, $16, $17, $18, $19, $20, $21, $22, $23, $24)"
+                                  $15, $16, $17, $18, $19, $20, $21, $22, $23, $24, $25, $26)"
     };
     let sqlx::types::Json(created) = sqlx::query_scalar(sql)
         .bind(template.namespace.as_str())
         .bind(template.on_failure.as_str())
+        .bind(latest)
         .bind(&task_ids)
         .bind(&template_ids)
         .bind(&inputs)
@@ -252,6 +267,7 @@ pub async fn create_tasks(
         .bind(&traces)
         .bind(&step_ids)
         .bind(&step_task)
+        .bind(&step_task_idx)
         .bind(&positions)
         .bind(&names)
         .bind(&handlers)

@@ -589,6 +589,55 @@ async fn an_idempotency_key_returns_the_same_task() {
     s.stop().await;
 }
 
+/// Creation caches templates; a request without a version still gets the
+/// latest one the moment it is registered, by every creation path.
+#[tokio::test]
+async fn a_new_version_is_used_at_once_by_requests_without_a_version() {
+    let s = Server::start().await;
+    s.register(DIAMOND).await;
+    let version_of = |reply: Reply| {
+        let s = &s;
+        async move {
+            assert!(reply.status == 201 || reply.status == 200, "{reply:#?}");
+            let id = match reply.body["tasks"].as_array() {
+                Some(tasks) => tasks[0]["id"].as_str().unwrap().to_owned(),
+                None => reply.id(),
+            };
+            let task = s.get(&format!("/v1/tasks/{id}")).await;
+            let steps = task.body["steps"].as_array().unwrap().len();
+            (task.body["template_version"].as_i64().unwrap(), steps)
+        }
+    };
+    let latest = json!({"namespace": "demo", "name": "diamond"});
+    assert_eq!(version_of(s.create(latest.clone()).await).await, (1, 4));
+    // The cached version 1 is now stale for "latest".
+    let v2 = DIAMOND.replace("version: 1", "version: 2")
+        + "  - { name: e, handler: builtin.noop, depends_on: [d] }\n";
+    assert_eq!(s.register(&v2).await.status, 201);
+    assert_eq!(version_of(s.create(latest.clone()).await).await, (2, 5));
+    let batch = json!({"tasks": [latest.clone(), latest.clone()]});
+    assert_eq!(
+        version_of(s.post("/v1/tasks/batch", batch).await).await,
+        (2, 5)
+    );
+    // A pinned version stays what it is.
+    let pinned = json!({"namespace": "demo", "name": "diamond", "version": 1});
+    assert_eq!(version_of(s.create(pinned).await).await, (1, 4));
+    // In a transaction (an idempotency key), after yet another version.
+    let v3 = DIAMOND.replace("version: 1", "version: 3")
+        + "  - { name: f, handler: builtin.noop, depends_on: [d] }\n"
+        + "  - { name: g, handler: builtin.noop, depends_on: [d] }\n";
+    assert_eq!(s.register(&v3).await.status, 201);
+    let mut keyed = latest.clone();
+    keyed["idempotency_key"] = json!("k-3");
+    let batch = json!({"tasks": [keyed, latest]});
+    assert_eq!(
+        version_of(s.post("/v1/tasks/batch", batch).await).await,
+        (3, 6)
+    );
+    s.stop().await;
+}
+
 #[tokio::test]
 async fn fifty_parallel_requests_with_one_key_create_one_task() {
     let s = Server::start().await;

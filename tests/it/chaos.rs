@@ -70,7 +70,7 @@ async fn submit(pool: &sqlx::PgPool, first: usize, count: usize) -> HashMap<uuid
     order.sort_by_key(|i| requests[*i].name.clone());
     for chunk in order.chunks(250) {
         let batch: Vec<_> = chunk.iter().map(|i| requests[*i].clone()).collect();
-        let created = orchestrator::tasks::create_tasks(pool, &batch)
+        let created = orchestrator::tasks::create_tasks(pool, &Default::default(), &batch)
             .await
             .unwrap();
         for (i, c) in chunk.iter().zip(created) {

@@ -321,7 +321,7 @@ async fn five_hundred_diamonds_across_processes() {
         })
         .collect();
     for chunk in requests.chunks(50) {
-        orchestrator::tasks::create_tasks(&pool, chunk)
+        orchestrator::tasks::create_tasks(&pool, &Default::default(), chunk)
             .await
             .unwrap();
     }
@@ -380,7 +380,7 @@ steps:
             request_hash: None,
         })
         .collect();
-    orchestrator::tasks::create_tasks(&pool, &requests)
+    orchestrator::tasks::create_tasks(&pool, &Default::default(), &requests)
         .await
         .unwrap();
     // Wait until the leaving worker certainly holds work, then ask it to stop.

@@ -102,6 +102,7 @@ pub async fn register(pool: &PgPool, yaml: &str) -> Template {
 pub async fn create(pool: &PgPool, namespace: &str, name: &str, input: Value) -> TaskId {
     tasks::create_task(
         pool,
+        &Default::default(),
         CreateTask {
             namespace: namespace.into(),
             name: name.into(),

@@ -174,7 +174,7 @@ async fn enqueue_io_tasks(pool: &sqlx::PgPool, n: usize) {
         })
         .collect();
     for chunk in requests.chunks(500) {
-        orchestrator::tasks::create_tasks(pool, chunk)
+        orchestrator::tasks::create_tasks(pool, &Default::default(), chunk)
             .await
             .unwrap();
     }

@@ -100,7 +100,7 @@ async fn orchestrator_killed_mid_batch_loses_nothing() {
             request_hash: None,
         })
         .collect();
-    orchestrator::tasks::create_tasks(&pool, &requests)
+    orchestrator::tasks::create_tasks(&pool, &Default::default(), &requests)
         .await
         .unwrap();
     // Kill it once it has applied some results but not all.

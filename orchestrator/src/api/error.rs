@@ -123,9 +123,9 @@ impl ApiError {
 impl From<StoreError> for ApiError {
     fn from(e: StoreError) -> Self {
         match e {
-            StoreError::TemplateConflict { .. } | StoreError::IdempotencyConflict => {
-                ApiError::Conflict(e.to_string())
-            }
+            StoreError::TemplateConflict { .. }
+            | StoreError::IdempotencyConflict
+            | StoreError::TemplateChanging(_) => ApiError::Conflict(e.to_string()),
             StoreError::TemplateNotFound(_) => ApiError::NotFound(e.to_string()),
             StoreError::CorruptTemplate { .. } => {
                 error!(error = %e, "stored template unreadable");

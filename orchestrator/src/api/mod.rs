@@ -48,6 +48,8 @@ use crate::metrics::Metrics;
 pub struct AppState {
     pub pool: PgPool,
     pub metrics: Metrics,
+    /// Templates read by task creation (see [`crate::tasks::TemplateCache`]).
+    pub templates: std::sync::Arc<crate::tasks::TemplateCache>,
 }
 
 #[derive(OpenApi)]

@@ -176,7 +176,7 @@ pub async fn create_task(
     let request = parse_object::<CreateTaskBody>(&body)?
         .check()?
         .into_request();
-    let (created, view) = tasks::create_task_viewed(&state.pool, request).await?;
+    let (created, view) = tasks::create_task_viewed(&state.pool, &state.templates, request).await?;
     let status = match created {
         Created::New(_) => StatusCode::CREATED,
         Created::Existing(_) => StatusCode::OK,
@@ -243,7 +243,7 @@ pub async fn create_task_batch(
             .map_err(|e| e.within(&format!("tasks[{i}]")))?;
         requests.push(parsed.into_request());
     }
-    let created = tasks::create_tasks(&state.pool, &requests).await?;
+    let created = tasks::create_tasks(&state.pool, &state.templates, &requests).await?;
     let items = created
         .iter()
         .map(|c| BatchItem {
