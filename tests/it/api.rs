@@ -586,6 +586,35 @@ async fn an_idempotency_key_returns_the_same_task() {
         batch.body["tasks"],
         json!([{"id": first.id(), "created": false}])
     );
+    // One statement inserting some tasks and skipping one by its key: only
+    // the inserted tasks get steps, edges and root messages.
+    let fresh = json!({"namespace": "demo", "name": "diamond", "idempotency_key": "order-2"});
+    let plain = json!({"namespace": "demo", "name": "diamond"});
+    let mixed = s
+        .post("/v1/tasks/batch", json!({"tasks": [body, fresh, plain]}))
+        .await;
+    assert_eq!(mixed.status, 201, "{mixed:#?}");
+    let tasks = mixed.body["tasks"].as_array().unwrap();
+    assert_eq!(tasks[0], json!({"id": first.id(), "created": false}));
+    let (steps, edges, messages, roots): (i64, i64, i64, Vec<String>) = sqlx::query_as(
+        "select (select count(*) from weft.steps),
+                (select count(*) from weft.step_edges),
+                (select count(*) from pgmq.q_weft_steps_demo),
+                (select array_agg(message ->> 'task_id' order by msg_id) from pgmq.q_weft_steps_demo)",
+    )
+    .fetch_one(&s.pool)
+    .await
+    .unwrap();
+    assert_eq!(
+        (steps, edges, messages),
+        (12, 12, 3),
+        "three diamonds, one root each"
+    );
+    let created: Vec<String> = tasks[1..]
+        .iter()
+        .map(|t| t["id"].as_str().unwrap().to_owned())
+        .collect();
+    assert_eq!(roots, [vec![first.id()], created].concat());
     s.stop().await;
 }
 
