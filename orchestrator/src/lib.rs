@@ -81,7 +81,7 @@ pub enum Error {
     #[error(
         "the database pool allows {max} connections (WEFT_DB_MAX_CONNECTIONS), but the \
          {collectors} result collectors and the retry scheduler keep {held} open (one to \
-         listen on and one to work on each) and the API needs at least 2 more: allow \
+         work on each, and two to listen on) and the API needs at least 2 more: allow \
          {needed} or more, or run fewer collectors"
     )]
     TooFewConnections {
@@ -93,9 +93,10 @@ pub enum Error {
 }
 
 /// Connections the orchestrator's loops keep open: every collector and the
-/// scheduler hold a LISTEN connection and the connection they work on.
+/// scheduler hold the connection they work on, the collectors share one
+/// LISTEN connection and the scheduler has its own.
 fn connections_held(collectors: usize) -> u32 {
-    2 * (u32::try_from(collectors.max(1)).unwrap_or(u32::MAX / 4) + 1)
+    u32::try_from(collectors.max(1)).unwrap_or(u32::MAX / 4) + 3
 }
 
 /// Runs the orchestrator's loops (and its API when configured) until
@@ -131,13 +132,21 @@ pub async fn run(
     let stop = shutdown.child_token();
     let metrics = Metrics::default();
     let tracker = TaskTracker::new();
+    let bell = wake::Bell::listen(
+        pool.clone(),
+        &[shared::queue::RESULTS],
+        config.collector.poll_interval,
+        stop.clone(),
+        &tracker,
+    );
     for _ in 0..config.collectors.max(1) {
         let collector = Collector::new(pool.clone(), config.collector.clone(), metrics.clone());
         let running = metrics.loop_running();
         let collector_stop = stop.clone();
+        let bell = bell.clone();
         tracker.spawn(async move {
             let _running = running;
-            collector.run(collector_stop).await
+            collector.run(bell, collector_stop).await
         });
     }
     let scheduler = Scheduler::new(pool.clone(), config.scheduler.clone(), metrics.clone());

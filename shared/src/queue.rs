@@ -81,6 +81,15 @@ pub struct QueueMessage {
 }
 
 /// Reads up to `qty` visible messages and hides them for `lease_secs` (the lease).
+///
+/// The lease commits without waiting for its WAL flush
+/// (`synchronous_commit = off` for this statement's transaction only; the
+/// callers run it on its own). Losing a lease to a database crash only
+/// makes its messages visible again early: delivery is at least once
+/// anyway, results are fenced by attempt, and the completion that deletes a
+/// message is a durable commit, whose flush covers the lease before it. A
+/// durable lease was one of the four WAL flushes of a one-step task, and
+/// the flush is what every committing transaction queues for.
 pub async fn read(
     executor: impl PgExecutor<'_>,
     queue: &QueueName,
@@ -90,7 +99,8 @@ pub async fn read(
     let table = queue.table();
     let sql = format!(
         "with cte as (
-             select msg_id from {table}
+             select msg_id, set_config('synchronous_commit', 'off', true)
+             from {table}
              where vt <= clock_timestamp()
              order by msg_id
              limit $1

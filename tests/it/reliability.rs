@@ -816,3 +816,58 @@ async fn weft_check_reports_violations() {
         "{report}"
     );
 }
+
+/// A lease commits without waiting for its WAL flush (losing one to a crash
+/// only redelivers early); a completion, which deletes the step message and
+/// sends the result, stays a durable commit.
+#[tokio::test]
+async fn a_lease_commits_asynchronously_and_a_completion_durably() {
+    let pool = support::fresh_pool().await;
+    let results = QueueName::results();
+    let setting = "select current_setting('synchronous_commit')";
+    queue::send_batch(&pool, &results, &[json!({"lease": 1})])
+        .await
+        .unwrap();
+
+    // The session's own setting (a test cluster may run without durable commits).
+    let mut conn = pool.acquire().await.unwrap();
+    sqlx::query("set synchronous_commit = on")
+        .execute(&mut *conn)
+        .await
+        .unwrap();
+    let mut tx = sqlx::Connection::begin(&mut *conn).await.unwrap();
+    let read = queue::read(&mut *tx, &results, 30, 10).await.unwrap();
+    assert_eq!(read.len(), 1);
+    let during_lease: String = sqlx::query_scalar(setting)
+        .fetch_one(&mut *tx)
+        .await
+        .unwrap();
+    assert_eq!(
+        during_lease, "off",
+        "the lease's transaction commits asynchronously"
+    );
+    tx.commit().await.unwrap();
+
+    sqlx::query("select weft.ensure_namespace('leases')")
+        .execute(&pool)
+        .await
+        .unwrap();
+    let steps = QueueName::steps(&Namespace::parse("leases").unwrap());
+    let mut tx = sqlx::Connection::begin(&mut *conn).await.unwrap();
+    queue::complete(&mut *tx, &steps, &[], &results, &[json!({"done": 1})])
+        .await
+        .unwrap();
+    let during_completion: String = sqlx::query_scalar(setting)
+        .fetch_one(&mut *tx)
+        .await
+        .unwrap();
+    assert_eq!(during_completion, "on", "a completion is a durable commit");
+    tx.rollback().await.unwrap();
+
+    // Outside the lease's transaction the session keeps its own setting.
+    let after: String = sqlx::query_scalar(setting)
+        .fetch_one(&mut *conn)
+        .await
+        .unwrap();
+    assert_eq!(after, "on");
+}
