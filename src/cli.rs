@@ -6,8 +6,8 @@ use std::time::Duration;
 
 use anyhow::Context;
 use clap::Parser;
-use sqlx::PgPool;
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
+use sqlx::{Connection, PgPool};
 use tokio_util::sync::CancellationToken;
 use tracing::{error, info};
 
@@ -180,10 +180,28 @@ pub async fn connect(db: &DbArgs) -> anyhow::Result<PgPool> {
     connect_url(&db.database_url, db.db_max_connections).await
 }
 
+/// How long a pooled connection may sit idle and still be used without a ping.
+const IDLE_BEFORE_PING: Duration = Duration::from_secs(1);
+
 pub async fn connect_url(url: &str, max_connections: u32) -> anyhow::Result<PgPool> {
     let options = PgPoolOptions::new()
         .max_connections(max_connections)
-        .acquire_timeout(Duration::from_secs(10));
+        .acquire_timeout(Duration::from_secs(10))
+        // A connection is pinged before use only when it sat idle for a
+        // while (as PgBouncer's server_check_delay): sqlx's default pings on
+        // every acquire, a round trip and a backend wake-up in front of
+        // every API statement. A connection broken while in use is closed
+        // by the ping sqlx sends when it is released; one that broke while
+        // idle (a database restart) is caught here.
+        .test_before_acquire(false)
+        .before_acquire(|conn, meta| {
+            Box::pin(async move {
+                if meta.idle_for >= IDLE_BEFORE_PING {
+                    conn.ping().await?;
+                }
+                Ok(true)
+            })
+        });
     // No JIT: Weft's statements are short, and a cost estimate that crosses
     // jit_above_cost after an ANALYZE made every execution compile for
     // seconds (see migrations/…_no_jit.sql).

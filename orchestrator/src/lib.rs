@@ -81,7 +81,7 @@ pub enum Error {
     #[error(
         "the database pool allows {max} connections (WEFT_DB_MAX_CONNECTIONS), but the \
          {collectors} result collectors and the retry scheduler keep {held} open (one to \
-         work on each, and two to listen on) and the API needs at least 2 more: allow \
+         work on each, and one to listen on) and the API needs at least 2 more: allow \
          {needed} or more, or run fewer collectors"
     )]
     TooFewConnections {
@@ -93,10 +93,10 @@ pub enum Error {
 }
 
 /// Connections the orchestrator's loops keep open: every collector and the
-/// scheduler hold the connection they work on, the collectors share one
-/// LISTEN connection and the scheduler has its own.
+/// scheduler hold the connection they work on, and they share one LISTEN
+/// connection.
 fn connections_held(collectors: usize) -> u32 {
-    u32::try_from(collectors.max(1)).unwrap_or(u32::MAX / 4) + 3
+    u32::try_from(collectors.max(1)).unwrap_or(u32::MAX / 4) + 2
 }
 
 /// Runs the orchestrator's loops (and its API when configured) until
@@ -132,9 +132,8 @@ pub async fn run(
     let stop = shutdown.child_token();
     let metrics = Metrics::default();
     let tracker = TaskTracker::new();
-    let bell = wake::Bell::listen(
+    let bells = wake::Bells::listen(
         pool.clone(),
-        &[shared::queue::RESULTS],
         config.collector.poll_interval,
         stop.clone(),
         &tracker,
@@ -143,7 +142,7 @@ pub async fn run(
         let collector = Collector::new(pool.clone(), config.collector.clone(), metrics.clone());
         let running = metrics.loop_running();
         let collector_stop = stop.clone();
-        let bell = bell.clone();
+        let bell = bells.results.clone();
         tracker.spawn(async move {
             let _running = running;
             collector.run(bell, collector_stop).await
@@ -154,7 +153,7 @@ pub async fn run(
     let scheduler_stop = stop.clone();
     tracker.spawn(async move {
         let _running = running;
-        scheduler.run(scheduler_stop).await
+        scheduler.run(bells.retries, scheduler_stop).await
     });
     // Readiness requires every collector and the scheduler to be running.
     metrics.expect_loops(config.collectors.max(1) as u64 + 1);

@@ -13,7 +13,7 @@ use tracing::{info, warn};
 
 use crate::metrics::Metrics;
 use crate::store;
-use crate::wake::{Wake, jittered};
+use crate::wake::{Bell, jittered};
 
 #[derive(Debug, Clone)]
 pub struct SchedulerConfig {
@@ -33,7 +33,6 @@ impl Default for SchedulerConfig {
 }
 
 pub struct Scheduler {
-    pool: PgPool,
     conn: HeldConnection,
     config: SchedulerConfig,
     metrics: Metrics,
@@ -42,15 +41,13 @@ pub struct Scheduler {
 impl Scheduler {
     pub fn new(pool: PgPool, config: SchedulerConfig, metrics: Metrics) -> Self {
         Self {
-            conn: HeldConnection::new(pool.clone()),
-            pool,
+            conn: HeldConnection::new(pool),
             config,
             metrics,
         }
     }
 
-    pub async fn run(mut self, shutdown: CancellationToken) {
-        let mut wake = Wake::new(self.pool.clone(), &["weft_retries"]);
+    pub async fn run(mut self, bell: Bell, shutdown: CancellationToken) {
         loop {
             let mut sleep = jittered(self.config.poll_interval);
             match self.run_once().await {
@@ -72,8 +69,8 @@ impl Scheduler {
             tokio::select! {
                 // Cancel-safe: cancellation is a flag.
                 _ = shutdown.cancelled() => break,
-                // Cancel-safe: see Wake::wait.
-                _ = wake.wait(sleep) => {}
+                // Cancel-safe: see Bell::wait.
+                _ = bell.wait(sleep) => {}
             }
         }
         info!("scheduler stopped");

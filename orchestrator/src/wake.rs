@@ -14,10 +14,10 @@ use tokio_util::task::TaskTracker;
 use tracing::{debug, warn};
 
 /// Why [`Wake::wait`] returned.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Woke {
-    /// A notification arrived (a burst counts once).
-    Notified,
+    /// Notifications arrived on these channels (a burst counts once).
+    Notified(Vec<String>),
     /// The timeout passed.
     TimedOut,
     /// The listener's connection is gone: notifications may have been lost.
@@ -52,10 +52,15 @@ impl Wake {
             return Woke::Lost;
         };
         match tokio::time::timeout(timeout, listener.try_recv()).await {
-            Ok(Ok(Some(_))) => {
-                // Coalesce a burst of notifications into one wake-up.
-                while listener.next_buffered().is_some() {}
-                Woke::Notified
+            Ok(Ok(Some(first))) => {
+                // Coalesce a burst of notifications into one wake-up per channel.
+                let mut channels = vec![first.channel().to_owned()];
+                while let Some(next) = listener.next_buffered() {
+                    if !channels.iter().any(|c| c == next.channel()) {
+                        channels.push(next.channel().to_owned());
+                    }
+                }
+                Woke::Notified(channels)
             }
             // The connection dropped: notifications may be lost, so wake and
             // poll; the listener reconnects and re-LISTENs on the next call.
@@ -91,36 +96,34 @@ impl Wake {
     }
 }
 
-/// One LISTEN connection shared by several loops of this process (the
-/// result collectors): each notification wakes **one** waiting loop, not
-/// all of them. With a listener per loop every result woke every collector,
-/// and all but one ran an empty batch: a statement, a backend wake-up and a
-/// round trip per loop per result. A loop that finds more than one batch
-/// of work rings the bell itself ([`Bell::ring`]) to bring in a peer.
-///
-/// No wake-up is lost: a notification that finds no loop waiting leaves a
-/// permit, taken by the next loop to wait, which then reads at once. A
-/// lost listener connection wakes every loop (notifications may have been
-/// missed), and each loop keeps its own fallback poll.
+/// The channel the retry scheduler listens on (see `weft.apply_results`).
+pub const RETRIES: &str = "weft_retries";
+
+/// The orchestrator's one LISTEN connection, with a [`Bell`] per channel:
+/// the result collectors share `results`, the retry scheduler has `retries`.
+/// PostgreSQL signals every listening backend of a database on every
+/// NOTIFY, whatever its channels, so each listener connection costs a
+/// backend wake-up per notification of the whole fleet.
 #[derive(Clone, Debug)]
-pub struct Bell {
-    notify: Arc<Notify>,
+pub struct Bells {
+    pub results: Bell,
+    pub retries: Bell,
 }
 
-impl Bell {
-    /// Starts the listener task on `channels`; it stops with `stop`.
+impl Bells {
+    /// Starts the listener task; it stops with `stop`.
     pub fn listen(
         pool: PgPool,
-        channels: &[&str],
         reconnect_every: Duration,
         stop: CancellationToken,
         tracker: &TaskTracker,
     ) -> Self {
-        let bell = Self {
-            notify: Arc::new(Notify::new()),
+        let bells = Self {
+            results: Bell::default(),
+            retries: Bell::default(),
         };
-        let mut wake = Wake::new(pool, channels);
-        let notify = bell.notify.clone();
+        let mut wake = Wake::new(pool, &[shared::queue::RESULTS, RETRIES]);
+        let ring = bells.clone();
         tracker.spawn(async move {
             loop {
                 tokio::select! {
@@ -128,19 +131,53 @@ impl Bell {
                     _ = stop.cancelled() => break,
                     // Cancel-safe: see Wake::wait.
                     woke = wake.wait(reconnect_every) => match woke {
-                        Woke::Notified => notify.notify_one(),
-                        Woke::Lost => notify.notify_waiters(),
+                        Woke::Notified(channels) => {
+                            for channel in channels {
+                                match channel.as_str() {
+                                    shared::queue::RESULTS => ring.results.ring(),
+                                    RETRIES => ring.retries.ring(),
+                                    other => debug!(channel = other, "notification ignored"),
+                                }
+                            }
+                        }
+                        Woke::Lost => {
+                            ring.results.ring_all();
+                            ring.retries.ring_all();
+                        }
                         Woke::TimedOut => {}
                     },
                 }
             }
         });
-        bell
+        bells
     }
+}
 
+/// Wake-ups for the loops sharing one channel: each notification wakes
+/// **one** waiting loop, not all of them. With a listener per loop every
+/// result woke every collector, and all but one ran an empty batch: a
+/// statement, a backend wake-up and a round trip per loop per result. A
+/// loop that finds more than one batch of work rings the bell itself
+/// ([`Bell::ring`]) to bring in a peer.
+///
+/// No wake-up is lost: a notification that finds no loop waiting leaves a
+/// permit, taken by the next loop to wait, which then reads at once. A
+/// lost listener connection wakes every loop (notifications may have been
+/// missed), and each loop keeps its own fallback poll.
+#[derive(Clone, Debug, Default)]
+pub struct Bell {
+    notify: Arc<Notify>,
+}
+
+impl Bell {
     /// Wakes one waiting loop, or the next one to wait.
     pub fn ring(&self) {
         self.notify.notify_one();
+    }
+
+    /// Wakes every waiting loop.
+    pub fn ring_all(&self) {
+        self.notify.notify_waiters();
     }
 
     /// Returns when this loop is woken (true) or `timeout` passes (false).
@@ -166,9 +203,7 @@ mod tests {
     use super::*;
 
     fn bell() -> Bell {
-        Bell {
-            notify: Arc::new(Notify::new()),
-        }
+        Bell::default()
     }
 
     const LONG: Duration = Duration::from_secs(3600);
