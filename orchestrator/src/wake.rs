@@ -154,11 +154,11 @@ impl Bells {
 }
 
 /// Wake-ups for the loops sharing one channel: each notification wakes
-/// **one** waiting loop, not all of them. With a listener per loop every
-/// result woke every collector, and all but one ran an empty batch: a
-/// statement, a backend wake-up and a round trip per loop per result. A
-/// loop that finds more than one batch of work rings the bell itself
-/// ([`Bell::ring`]) to bring in a peer.
+/// **one** waiting loop, not all of them: waking every collector for every
+/// result would have all but one run an empty batch (a statement, a backend
+/// wake-up and a round trip per loop per result). A loop that finds more
+/// than one batch of work rings the bell itself ([`Bell::ring`]) to bring
+/// in a peer.
 ///
 /// No wake-up is lost: a notification that finds no loop waiting leaves a
 /// permit, taken by the next loop to wait, which then reads at once. A

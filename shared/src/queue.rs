@@ -88,8 +88,8 @@ pub struct QueueMessage {
 /// makes its messages visible again early: delivery is at least once
 /// anyway, results are fenced by attempt, and the completion that deletes a
 /// message is a durable commit, whose flush covers the lease before it. A
-/// durable lease was one of the four WAL flushes of a one-step task, and
-/// the flush is what every committing transaction queues for.
+/// durable lease would be one of four WAL flushes in a one-step task's
+/// life, and the flush is what every committing transaction queues for.
 pub async fn read(
     executor: impl PgExecutor<'_>,
     queue: &QueueName,
