@@ -15,7 +15,7 @@ use shared::queue::{self, QueueMessage, QueueName};
 
 use crate::metrics::Metrics;
 use crate::store;
-use crate::wake::{Bell, jittered};
+use crate::wake::{Wake, jittered};
 
 /// How the collector reads.
 #[derive(Debug, Clone)]
@@ -55,6 +55,7 @@ pub struct Collected {
 }
 
 pub struct Collector {
+    pool: PgPool,
     conn: HeldConnection,
     config: CollectorConfig,
     metrics: Metrics,
@@ -65,24 +66,21 @@ pub struct Collector {
 impl Collector {
     pub fn new(pool: PgPool, config: CollectorConfig, metrics: Metrics) -> Self {
         Self {
-            conn: HeldConnection::new(pool),
+            conn: HeldConnection::new(pool.clone()),
+            pool,
             config,
             metrics,
             isolate: false,
         }
     }
 
-    /// Runs until shutdown: drain the queue, then wait for the bell (a
-    /// notification on the result queue, shared with the other collectors)
-    /// or the fallback poll.
-    pub async fn run(mut self, bell: Bell, shutdown: CancellationToken) {
+    /// Runs until shutdown: drain the queue, then wait for a notification or
+    /// the fallback poll.
+    pub async fn run(mut self, shutdown: CancellationToken) {
+        let mut wake = Wake::new(self.pool.clone(), &[queue::RESULTS]);
         loop {
             match self.run_once().await {
-                Ok(c) if c.read as i32 >= self.config.batch_size => {
-                    // More than one batch is waiting: bring in a peer.
-                    bell.ring();
-                    continue;
-                }
+                Ok(c) if c.read as i32 >= self.config.batch_size => continue,
                 Ok(_) => {}
                 Err(e) => {
                     warn!(error = %e, "collecting results failed; retrying");
@@ -92,8 +90,8 @@ impl Collector {
             tokio::select! {
                 // Cancel-safe: cancellation is a flag.
                 _ = shutdown.cancelled() => break,
-                // Cancel-safe: see Bell::wait.
-                _ = bell.wait(jittered(self.config.poll_interval)) => {}
+                // Cancel-safe: a notification not yet taken stays buffered in the listener.
+                _ = wake.wait(jittered(self.config.poll_interval)) => {}
             }
         }
         info!("collector stopped");

@@ -55,7 +55,7 @@ impl Default for OrchestratorConfig {
         Self {
             http_addr: None,
             auth: Auth::default(),
-            collectors: 2,
+            collectors: 1,
             collector: CollectorConfig::default(),
             scheduler: SchedulerConfig::default(),
             metrics_interval: std::time::Duration::from_secs(15),
@@ -81,7 +81,7 @@ pub enum Error {
     #[error(
         "the database pool allows {max} connections (WEFT_DB_MAX_CONNECTIONS), but the \
          {collectors} result collectors and the retry scheduler keep {held} open (one to \
-         work on each, and one to listen on) and the API needs at least 2 more: allow \
+         listen on and one to work on each) and the API needs at least 2 more: allow \
          {needed} or more, or run fewer collectors"
     )]
     TooFewConnections {
@@ -93,10 +93,9 @@ pub enum Error {
 }
 
 /// Connections the orchestrator's loops keep open: every collector and the
-/// scheduler hold the connection they work on, and they share one LISTEN
-/// connection.
+/// scheduler hold a LISTEN connection and the connection they work on.
 fn connections_held(collectors: usize) -> u32 {
-    u32::try_from(collectors.max(1)).unwrap_or(u32::MAX / 4) + 2
+    2 * (u32::try_from(collectors.max(1)).unwrap_or(u32::MAX / 4) + 1)
 }
 
 /// Runs the orchestrator's loops (and its API when configured) until
@@ -132,20 +131,13 @@ pub async fn run(
     let stop = shutdown.child_token();
     let metrics = Metrics::default();
     let tracker = TaskTracker::new();
-    let bells = wake::Bells::listen(
-        pool.clone(),
-        config.collector.poll_interval,
-        stop.clone(),
-        &tracker,
-    );
     for _ in 0..config.collectors.max(1) {
         let collector = Collector::new(pool.clone(), config.collector.clone(), metrics.clone());
         let running = metrics.loop_running();
         let collector_stop = stop.clone();
-        let bell = bells.results.clone();
         tracker.spawn(async move {
             let _running = running;
-            collector.run(bell, collector_stop).await
+            collector.run(collector_stop).await
         });
     }
     let scheduler = Scheduler::new(pool.clone(), config.scheduler.clone(), metrics.clone());
@@ -153,7 +145,7 @@ pub async fn run(
     let scheduler_stop = stop.clone();
     tracker.spawn(async move {
         let _running = running;
-        scheduler.run(bells.retries, scheduler_stop).await
+        scheduler.run(scheduler_stop).await
     });
     // Readiness requires every collector and the scheduler to be running.
     metrics.expect_loops(config.collectors.max(1) as u64 + 1);

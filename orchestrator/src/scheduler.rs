@@ -13,7 +13,7 @@ use tracing::{info, warn};
 
 use crate::metrics::Metrics;
 use crate::store;
-use crate::wake::{Bell, jittered};
+use crate::wake::{Wake, jittered};
 
 #[derive(Debug, Clone)]
 pub struct SchedulerConfig {
@@ -33,6 +33,7 @@ impl Default for SchedulerConfig {
 }
 
 pub struct Scheduler {
+    pool: PgPool,
     conn: HeldConnection,
     config: SchedulerConfig,
     metrics: Metrics,
@@ -41,13 +42,15 @@ pub struct Scheduler {
 impl Scheduler {
     pub fn new(pool: PgPool, config: SchedulerConfig, metrics: Metrics) -> Self {
         Self {
-            conn: HeldConnection::new(pool),
+            conn: HeldConnection::new(pool.clone()),
+            pool,
             config,
             metrics,
         }
     }
 
-    pub async fn run(mut self, bell: Bell, shutdown: CancellationToken) {
+    pub async fn run(mut self, shutdown: CancellationToken) {
+        let mut wake = Wake::new(self.pool.clone(), &["weft_retries"]);
         loop {
             let mut sleep = jittered(self.config.poll_interval);
             match self.run_once().await {
@@ -69,8 +72,8 @@ impl Scheduler {
             tokio::select! {
                 // Cancel-safe: cancellation is a flag.
                 _ = shutdown.cancelled() => break,
-                // Cancel-safe: see Bell::wait.
-                _ = bell.wait(sleep) => {}
+                // Cancel-safe: see Wake::wait.
+                _ = wake.wait(sleep) => {}
             }
         }
         info!("scheduler stopped");
