@@ -104,7 +104,7 @@ pub struct OrchestratorArgs {
     #[arg(long, env = "WEFT_HTTP_ADDR", default_value = "127.0.0.1:8080")]
     pub http_addr: SocketAddr,
     /// Result collector loops in this process.
-    #[arg(long, env = "WEFT_COLLECTORS", default_value_t = 1)]
+    #[arg(long, env = "WEFT_COLLECTORS", default_value_t = 2)]
     pub collectors: usize,
     /// Results applied per transaction. Smaller batches commit sooner (a
     /// retry that falls due waits for the batch in progress), larger ones

@@ -55,7 +55,7 @@ impl Default for OrchestratorConfig {
         Self {
             http_addr: None,
             auth: Auth::default(),
-            collectors: 1,
+            collectors: 2,
             collector: CollectorConfig::default(),
             scheduler: SchedulerConfig::default(),
             metrics_interval: std::time::Duration::from_secs(15),
