@@ -97,3 +97,113 @@ async fn the_engine_never_jit_compiles() {
         .unwrap();
     assert_eq!(jit, "off");
 }
+
+/// Step messages go through `weft.send_steps`, generated with one static
+/// insert per namespace: registering a namespace adds its branch; a
+/// namespace the body does not name yet (registered by a transaction that
+/// committed after this session compiled it) still gets its messages, by
+/// the dynamic insert; and two registrations at once both end up named.
+#[tokio::test]
+async fn step_messages_reach_every_namespace_queue_through_the_generated_sender() {
+    let url = support::fresh_database().await;
+    let pool = support::pool(&url, 4).await;
+    let body = || async {
+        sqlx::query_scalar::<_, String>(
+            "select prosrc from pg_proc where oid = 'weft.send_steps(text, jsonb[])'::regprocedure",
+        )
+        .fetch_one(&pool)
+        .await
+        .unwrap()
+    };
+    let send = |ns: &'static str| {
+        let pool = pool.clone();
+        async move {
+            let sent: Vec<(i64, serde_json::Value)> = sqlx::query_as(
+                "select msg_id, message from weft.send_steps($1, array[$2::jsonb, $3::jsonb])",
+            )
+            .bind(ns)
+            .bind(serde_json::json!({"n": 1}))
+            .bind(serde_json::json!({"n": 2}))
+            .fetch_all(&pool)
+            .await
+            .unwrap();
+            let queued: Vec<(i64, serde_json::Value)> = sqlx::query_as(&format!(
+                "select msg_id, message from pgmq.q_weft_steps_{ns} order by msg_id"
+            ))
+            .fetch_all(&pool)
+            .await
+            .unwrap();
+            assert_eq!(sent, queued, "{ns}: returned what its queue holds");
+            let order: Vec<_> = sent.iter().map(|(_, m)| m["n"].clone()).collect();
+            assert_eq!(order, vec![serde_json::json!(1), serde_json::json!(2)]);
+        }
+    };
+
+    sqlx::query("select weft.ensure_namespace('alpha')")
+        .execute(&pool)
+        .await
+        .unwrap();
+    assert!(
+        body().await.contains("pgmq.q_weft_steps_alpha"),
+        "alpha has its static insert"
+    );
+    send("alpha").await;
+
+    // Registered behind the generator's back: no branch, same result.
+    sqlx::raw_sql(
+        "insert into weft.namespaces (name) values ('beta');
+         select pgmq.create('weft_steps_beta');",
+    )
+    .execute(&pool)
+    .await
+    .unwrap();
+    assert!(!body().await.contains("q_weft_steps_beta"));
+    send("beta").await;
+
+    // Two registrations in concurrent transactions: the second waits for
+    // the first's generator and then names both.
+    let mut first = pool.begin().await.unwrap();
+    sqlx::query("select weft.ensure_namespace('gamma')")
+        .execute(&mut *first)
+        .await
+        .unwrap();
+    let second = tokio::spawn({
+        let pool = pool.clone();
+        async move {
+            let mut tx = pool.begin().await.unwrap();
+            sqlx::query("select weft.ensure_namespace('delta')")
+                .execute(&mut *tx)
+                .await
+                .unwrap();
+            tx.commit().await.unwrap();
+        }
+    });
+    // The second is inside ensure_namespace, waiting for the generator's lock.
+    let waiting = support::wait_until(std::time::Duration::from_secs(10), || async {
+        sqlx::query_scalar::<_, bool>(
+            "select exists (select 1 from pg_locks l
+                             join pg_database d on d.oid = l.database
+                            where d.datname = current_database()
+                              and l.locktype = 'advisory' and not l.granted)",
+        )
+        .fetch_one(&pool)
+        .await
+        .unwrap()
+    })
+    .await;
+    assert!(
+        waiting,
+        "the second registration waits for the generator's lock"
+    );
+    first.commit().await.unwrap();
+    second.await.unwrap();
+    let last = body().await;
+    for ns in ["alpha", "beta", "gamma", "delta"] {
+        assert!(
+            last.contains(&format!("q_weft_steps_{ns}")),
+            "{ns} named in:\n{last}"
+        );
+    }
+    send("gamma").await;
+    send("delta").await;
+}
