@@ -2,6 +2,8 @@
 //! enqueues what became ready and finalizes tasks: one statement (one round
 //! trip, one transaction) per batch, read included: `weft.collect_batch`.
 
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use serde_json::Value;
@@ -15,7 +17,7 @@ use shared::queue::{self, QueueMessage, QueueName};
 
 use crate::metrics::Metrics;
 use crate::store;
-use crate::wake::{Wake, jittered};
+use crate::wake::{Wake, Woken, jittered};
 
 /// How the collector reads.
 #[derive(Debug, Clone)]
@@ -54,22 +56,66 @@ pub struct Collected {
     pub finalized: usize,
 }
 
+/// How an orchestrator's collectors share wake-ups. Each listens on its own
+/// connection, so a result that arrives while one collector is mid-batch is
+/// taken at once by another, with no hand-off between tasks. But every
+/// listener gets every notification: when the lead collector is waiting it
+/// wakes for it too, and a helper woken beside it would only find the rows
+/// locked or gone and run an empty batch. So a helper acts on a
+/// notification only while the lead is mid-batch or not listening; on its
+/// fallback poll it always runs.
+#[derive(Clone, Default)]
+pub struct Crew {
+    lead: Arc<LeadState>,
+}
+
+#[derive(Default)]
+struct LeadState {
+    busy: AtomicBool,
+    listening: AtomicBool,
+}
+
+impl Crew {
+    /// Whether the lead will take a notification that arrives now: it is
+    /// waiting on a connected listener (a notification that arrives while it
+    /// ends a batch stays buffered and wakes it as soon as it waits).
+    fn lead_covers(&self) -> bool {
+        !self.lead.busy.load(Ordering::Acquire) && self.lead.listening.load(Ordering::Acquire)
+    }
+}
+
+/// A collector's place in its crew.
+#[derive(Clone)]
+pub enum Role {
+    /// Acts on every wake-up.
+    Lead(Crew),
+    /// Acts on notifications the lead cannot take now, and on its own poll.
+    Helper(Crew),
+}
+
 pub struct Collector {
     pool: PgPool,
     conn: HeldConnection,
     config: CollectorConfig,
     metrics: Metrics,
+    role: Role,
     /// Whether the next pass applies results one at a time (after a failure).
     isolate: bool,
 }
 
 impl Collector {
+    /// A collector on its own: the lead of a crew of one.
     pub fn new(pool: PgPool, config: CollectorConfig, metrics: Metrics) -> Self {
+        Self::with_role(pool, config, metrics, Role::Lead(Crew::default()))
+    }
+
+    pub fn with_role(pool: PgPool, config: CollectorConfig, metrics: Metrics, role: Role) -> Self {
         Self {
             conn: HeldConnection::new(pool.clone()),
             pool,
             config,
             metrics,
+            role,
             isolate: false,
         }
     }
@@ -78,8 +124,11 @@ impl Collector {
     /// the fallback poll.
     pub async fn run(mut self, shutdown: CancellationToken) {
         let mut wake = Wake::new(self.pool.clone(), &[queue::RESULTS]);
-        loop {
-            match self.run_once().await {
+        'collect: loop {
+            self.set_busy(true);
+            let collected = self.run_once().await;
+            self.set_busy(false);
+            match collected {
                 Ok(c) if c.read as i32 >= self.config.batch_size => continue,
                 Ok(_) => {}
                 Err(e) => {
@@ -87,14 +136,33 @@ impl Collector {
                     self.metrics.db_error();
                 }
             }
-            tokio::select! {
-                // Cancel-safe: cancellation is a flag.
-                _ = shutdown.cancelled() => break,
-                // Cancel-safe: a notification not yet taken stays buffered in the listener.
-                _ = wake.wait(jittered(self.config.poll_interval)) => {}
+            loop {
+                let woken = tokio::select! {
+                    // Cancel-safe: cancellation is a flag.
+                    _ = shutdown.cancelled() => break 'collect,
+                    // Cancel-safe: a notification not yet taken stays buffered in the listener.
+                    woken = wake.wait(jittered(self.config.poll_interval)) => woken,
+                };
+                match &self.role {
+                    Role::Lead(crew) => crew
+                        .lead
+                        .listening
+                        .store(wake.listening(), Ordering::Release),
+                    Role::Helper(crew) if woken == Woken::Notified && crew.lead_covers() => {
+                        continue;
+                    }
+                    Role::Helper(_) => {}
+                }
+                break;
             }
         }
         info!("collector stopped");
+    }
+
+    fn set_busy(&self, busy: bool) {
+        if let Role::Lead(crew) = &self.role {
+            crew.lead.busy.store(busy, Ordering::Release);
+        }
     }
 
     /// Reads and applies one batch of results, on the connection this

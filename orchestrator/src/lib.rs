@@ -131,8 +131,19 @@ pub async fn run(
     let stop = shutdown.child_token();
     let metrics = Metrics::default();
     let tracker = TaskTracker::new();
-    for _ in 0..config.collectors.max(1) {
-        let collector = Collector::new(pool.clone(), config.collector.clone(), metrics.clone());
+    let crew = collector::Crew::default();
+    for i in 0..config.collectors.max(1) {
+        let role = if i == 0 {
+            collector::Role::Lead(crew.clone())
+        } else {
+            collector::Role::Helper(crew.clone())
+        };
+        let collector = Collector::with_role(
+            pool.clone(),
+            config.collector.clone(),
+            metrics.clone(),
+            role,
+        );
         let running = metrics.loop_running();
         let collector_stop = stop.clone();
         tracker.spawn(async move {

@@ -9,6 +9,17 @@ use sqlx::PgPool;
 use sqlx::postgres::PgListener;
 use tracing::{debug, warn};
 
+/// Why [`Wake::wait`] returned.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Woken {
+    /// A notification arrived (a burst counts once).
+    Notified,
+    /// The timeout passed, or there is no listener to wait on.
+    TimedOut,
+    /// The listener's connection dropped: notifications may have been lost.
+    Reconnecting,
+}
+
 /// A listener on some channels that reconnects lazily after errors.
 pub struct Wake {
     pool: PgPool,
@@ -26,30 +37,41 @@ impl Wake {
     }
 
     /// Returns when a notification arrives or `timeout` passes, whichever is
-    /// first. Cancel-safe: dropping the future loses no notification, since
-    /// notifications stay buffered in the listener until taken.
-    pub async fn wait(&mut self, timeout: Duration) {
+    /// first, and which it was. Cancel-safe: dropping the future loses no
+    /// notification, since notifications stay buffered in the listener until
+    /// taken.
+    pub async fn wait(&mut self, timeout: Duration) -> Woken {
         if self.listener.is_none() {
             self.listener = self.connect().await;
         }
         let Some(listener) = self.listener.as_mut() else {
             tokio::time::sleep(timeout).await;
-            return;
+            return Woken::TimedOut;
         };
         match tokio::time::timeout(timeout, listener.try_recv()).await {
             Ok(Ok(Some(_))) => {
                 // Coalesce a burst of notifications into one wake-up.
                 while listener.next_buffered().is_some() {}
+                Woken::Notified
             }
             // The connection dropped: notifications may be lost, so wake and
             // poll; the listener reconnects and re-LISTENs on the next call.
-            Ok(Ok(None)) => debug!("listener reconnecting"),
+            Ok(Ok(None)) => {
+                debug!("listener reconnecting");
+                Woken::Reconnecting
+            }
             Ok(Err(e)) => {
                 warn!(error = %e, "listener failed; falling back to polling until it reconnects");
                 self.listener = None;
+                Woken::Reconnecting
             }
-            Err(_elapsed) => {}
+            Err(_elapsed) => Woken::TimedOut,
         }
+    }
+
+    /// Whether a listener is connected (or was, until its last wait).
+    pub fn listening(&self) -> bool {
+        self.listener.is_some()
     }
 
     async fn connect(&self) -> Option<PgListener> {

@@ -54,7 +54,7 @@ pub fn worker_config(namespace: &str) -> worker::WorkerConfig {
 /// A pool of its own for one in-process orchestrator or worker, on the same
 /// database, as each process has in production: their loops hold
 /// connections, so sharing the test's pool would starve it.
-fn own_pool(pool: &PgPool) -> PgPool {
+pub fn own_pool(pool: &PgPool) -> PgPool {
     sqlx::postgres::PgPoolOptions::new()
         .max_connections(10)
         .acquire_timeout(Duration::from_secs(30))

@@ -871,3 +871,111 @@ async fn a_lease_commits_asynchronously_and_a_completion_durably() {
         .unwrap();
     assert_eq!(after, "on");
 }
+
+/// The collectors of one orchestrator share wake-ups: the lead takes what
+/// arrives while it waits, and a helper takes what arrives while the lead is
+/// mid-batch. Neither path waits for the fallback poll (an hour here): a
+/// result for a task whose row the test holds locked keeps the lead busy,
+/// and a result for another task is applied meanwhile, by the helper.
+#[tokio::test]
+async fn a_helper_collector_applies_results_while_the_lead_is_busy() {
+    use orchestrator::collector::{Crew, Role};
+
+    let url = support::fresh_database().await;
+    let pool = support::pool(&url, 10).await;
+    fleet::register(
+        &pool,
+        "namespace: crew\nname: one\nversion: 1\nsteps:\n  - { name: a, handler: builtin.noop }\n",
+    )
+    .await;
+    // No worker: the test sends each step's result itself.
+    let blocked = fleet::create(&pool, "crew", "one", json!({})).await;
+    let passing = fleet::create(&pool, "crew", "one", json!({})).await;
+    let later = fleet::create(&pool, "crew", "one", json!({})).await;
+    let success = |task| {
+        let pool = pool.clone();
+        async move {
+            let step = fleet::step(&fleet::steps(&pool, task).await, "a").id;
+            json!({ "v": 1, "task_id": task, "step_id": step, "attempt": 1, "status": "success", "output": {} })
+        }
+    };
+
+    let mut config = fleet::orchestrator_config().collector;
+    config.poll_interval = Duration::from_secs(3600);
+    let shutdown = tokio_util::sync::CancellationToken::new();
+    let crew = Crew::default();
+    let mut running = Vec::new();
+    for role in [Role::Lead(crew.clone()), Role::Helper(crew)] {
+        let collector = orchestrator::Collector::with_role(
+            fleet::own_pool(&pool),
+            config.clone(),
+            orchestrator::Metrics::default(),
+            role,
+        );
+        running.push(tokio::spawn(collector.run(shutdown.clone())));
+    }
+    // Both listening before any result is sent (a notification sent before
+    // LISTEN is not delivered, and the poll is an hour away).
+    let listening = support::wait_until(Duration::from_secs(10), || async {
+        count(
+            &pool,
+            "select count(*) from pg_stat_activity
+              where datname = current_database() and query like 'LISTEN%'",
+        )
+        .await
+            == 2
+    })
+    .await;
+    assert!(listening, "both collectors listen");
+
+    let mut lock = pool.begin().await.unwrap();
+    sqlx::query("select 1 from weft.tasks where id = $1 for update")
+        .bind(blocked)
+        .execute(&mut *lock)
+        .await
+        .unwrap();
+    queue::send_batch(&pool, &QueueName::results(), &[success(blocked).await])
+        .await
+        .unwrap();
+    // The lead took it and now waits for the task's row lock.
+    let lead_busy = support::wait_until(Duration::from_secs(10), || async {
+        count(
+            &pool,
+            "select count(*) from pg_stat_activity
+              where datname = current_database() and wait_event_type = 'Lock'
+                and query like '%collect_batch%'",
+        )
+        .await
+            == 1
+    })
+    .await;
+    assert!(lead_busy, "the lead collector waits for the locked task");
+
+    queue::send_batch(&pool, &QueueName::results(), &[success(passing).await])
+        .await
+        .unwrap();
+    assert_eq!(
+        fleet::wait_final(&pool, passing, Duration::from_secs(10)).await,
+        TaskState::Complete,
+        "the helper applied the result the busy lead could not take"
+    );
+    assert_eq!(fleet::task_state(&pool, blocked).await, TaskState::Running);
+
+    lock.commit().await.unwrap();
+    assert_eq!(
+        fleet::wait_final(&pool, blocked, Duration::from_secs(10)).await,
+        TaskState::Complete
+    );
+    // The lead waits again and takes the next result at once.
+    queue::send_batch(&pool, &QueueName::results(), &[success(later).await])
+        .await
+        .unwrap();
+    assert_eq!(
+        fleet::wait_final(&pool, later, Duration::from_secs(10)).await,
+        TaskState::Complete
+    );
+    shutdown.cancel();
+    for r in running {
+        r.await.unwrap();
+    }
+}
