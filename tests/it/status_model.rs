@@ -377,8 +377,54 @@ async fn every_state_combination_matches_the_reference_model() {
         "every enqueued step moved to enqueued with its msg_id"
     );
 
+    // A result batch's pass over its tasks (weft.advance_tasks): the enqueue
+    // pass only for tasks with a step pending or waiting for a retry, then
+    // finalize only for tasks with no step in flight. It must enqueue what
+    // the model says and leave each task in the model's final state (a task
+    // that gets a step enqueued is one the model keeps running).
+    let mut tx = pool.begin().await.unwrap();
+    let advanced: serde_json::Value = sqlx::query_scalar("select weft.advance_tasks($1, $2)")
+        .bind(&task_ids)
+        .bind(now)
+        .fetch_one(&mut *tx)
+        .await
+        .unwrap();
+    let advance_enqueued: HashSet<Uuid> = advanced["enqueued"]
+        .as_array()
+        .expect("advance_tasks returns the enqueued steps")
+        .iter()
+        .map(|e| e["step_id"].as_str().unwrap().parse().unwrap())
+        .collect();
+    let advance_states: HashMap<Uuid, TaskState> = sqlx::query_as::<_, (Uuid, TaskState)>(
+        "select id, state from weft.tasks where id = any($1)",
+    )
+    .bind(&task_ids)
+    .fetch_all(&mut *tx)
+    .await
+    .unwrap()
+    .into_iter()
+    .collect();
+    tx.rollback().await.unwrap();
+
     let mut mismatches = Vec::new();
     for case in &cases {
+        let advance_actual = (
+            case.step_ids
+                .iter()
+                .map(|s| advance_enqueued.contains(s))
+                .collect::<Vec<_>>(),
+            advance_states[&case.task_id],
+        );
+        if advance_actual != (case.expected.enqueued.clone(), case.expected.final_state) {
+            mismatches.push(format!(
+                "{} (advance_tasks):\n  expected enqueued {:?}, final {:?}\n  actual   enqueued {:?}, final {:?}",
+                case.label,
+                case.expected.enqueued,
+                case.expected.final_state,
+                advance_actual.0,
+                advance_actual.1
+            ));
+        }
         let actual = Expected {
             status: statuses[&case.task_id],
             ready: case.step_ids.iter().map(|s| ready[s]).collect(),
