@@ -410,3 +410,64 @@ steps:
     assert_eq!(complete, 60);
     fleet::check_books(&pool).await;
 }
+
+/// Results of handlers dispatched together wait for each other, up to the
+/// worker's completion linger, and commit in one transaction: the
+/// orchestrator applies a diamond's two branches in one batch. A sibling
+/// still running when the linger ends is not waited for.
+#[tokio::test]
+async fn sibling_results_commit_together_within_the_linger() {
+    let pool = support::fresh_pool().await;
+    fleet::register(
+        &pool,
+        "
+namespace: linger
+name: fork
+version: 1
+steps:
+  - { name: a, handler: builtin.noop }
+  - { name: b, handler: builtin.noop, depends_on: [a] }
+  - { name: c, handler: builtin.noop, depends_on: [a] }
+  - { name: slow, handler: builtin.sleep, config: { ms: 4000 }, depends_on: [a] }
+  - { name: d, handler: builtin.noop, depends_on: [b, c] }
+",
+    )
+    .await;
+    let mut worker = fleet::worker_config("linger");
+    worker.completion_linger = Duration::from_secs(2);
+    let fleet = Fleet::start_with(&pool, 1, vec![worker]);
+    let id = fleet::create(&pool, "linger", "fork", json!({})).await;
+    assert_eq!(
+        fleet::wait_final(&pool, id, LONG).await,
+        TaskState::Complete
+    );
+    fleet.stop().await;
+    // Seconds from b's enqueueing to each step's completion, as applied.
+    let done: std::collections::HashMap<String, f64> = sqlx::query_as::<_, (String, f64)>(
+        "select s.name,
+                extract(epoch from t.at - (select e.at from weft.step_transitions e
+                                            join weft.steps sb on sb.id = e.step_id
+                                           where sb.task_id = $1 and sb.name = 'b'
+                                             and e.to_state = 'enqueued'))::float8
+           from weft.step_transitions t join weft.steps s on s.id = t.step_id
+          where t.task_id = $1 and t.to_state = 'complete'",
+    )
+    .bind(id.0)
+    .fetch_all(&pool)
+    .await
+    .unwrap()
+    .into_iter()
+    .collect();
+    assert_eq!(
+        done["b"], done["c"],
+        "b and c applied in one batch: {done:?}"
+    );
+    assert!(
+        done["b"] >= 1.9,
+        "b waited for its running sibling, up to the linger: {done:?}"
+    );
+    assert!(
+        done["slow"] - done["b"] >= 1.0,
+        "b and c did not wait for slow beyond the linger: {done:?}"
+    );
+}

@@ -64,6 +64,16 @@ pub fn own_pool(pool: &PgPool) -> PgPool {
 impl Fleet {
     /// Starts `orchestrators` orchestrators and one worker per namespace.
     pub fn start(pool: &PgPool, orchestrators: usize, namespaces: &[&str]) -> Fleet {
+        let workers = namespaces.iter().map(|ns| worker_config(ns)).collect();
+        Self::start_with(pool, orchestrators, workers)
+    }
+
+    /// Starts `orchestrators` orchestrators and one worker per configuration.
+    pub fn start_with(
+        pool: &PgPool,
+        orchestrators: usize,
+        workers: Vec<worker::WorkerConfig>,
+    ) -> Fleet {
         let shutdown = CancellationToken::new();
         let tracker = TaskTracker::new();
         for _ in 0..orchestrators {
@@ -74,8 +84,8 @@ impl Fleet {
                     .unwrap()
             });
         }
-        for ns in namespaces {
-            let worker = worker::Worker::builder(worker_config(ns)).build();
+        for config in workers {
+            let worker = worker::Worker::builder(config).build();
             let (pool, stop) = (own_pool(pool), shutdown.clone());
             tracker.spawn(async move { worker.run(pool, stop).await.unwrap() });
         }

@@ -27,6 +27,7 @@ pub struct Completer {
     dead_letters: QueueName,
     results: QueueName,
     batch_size: usize,
+    linger: Duration,
     in_flight: InFlight,
     state: Arc<WorkerState>,
     completions: mpsc::Receiver<Completion>,
@@ -46,6 +47,7 @@ impl Completer {
             dead_letters: QueueName::dead_letters(&config.namespace),
             results: QueueName::results(),
             batch_size: config.batch_size.max(1),
+            linger: config.completion_linger,
             in_flight,
             state,
             completions,
@@ -59,15 +61,9 @@ impl Completer {
     pub async fn run(mut self, give_up: CancellationToken) {
         let mut backoff = Backoff::new(Duration::from_millis(50), Duration::from_secs(5));
         while let Some(first) = self.completions.recv().await {
-            // Whatever else is already waiting joins the batch: one
-            // transaction for many results when busy, no delay when idle.
             let mut batch = vec![first];
-            while batch.len() < self.batch_size {
-                match self.completions.try_recv() {
-                    Ok(completion) => batch.push(completion),
-                    Err(_) => break,
-                }
-            }
+            self.take_waiting(&mut batch);
+            self.linger_for_siblings(&mut batch).await;
             loop {
                 let attempt = tokio::select! {
                     // Cancel-safe: dropping an open transaction rolls it back.
@@ -96,6 +92,45 @@ impl Completer {
             }
         }
         debug!("completer stopped");
+    }
+
+    /// Whatever else is already waiting joins the batch: one transaction for
+    /// many results when busy, no delay when idle.
+    fn take_waiting(&mut self, batch: &mut Vec<Completion>) {
+        while batch.len() < self.batch_size {
+            match self.completions.try_recv() {
+                Ok(completion) => batch.push(completion),
+                Err(_) => break,
+            }
+        }
+    }
+
+    /// While a handler dispatched within the linger of now is still running
+    /// (a sibling of these results in one read, such as the other branch of
+    /// a diamond), waits for its result, at most the linger: committed
+    /// apart, two results cost the orchestrator two batches, the second
+    /// waiting on the task's lock for the first. A result whose siblings are
+    /// long-running, or that has none, goes at once.
+    async fn linger_for_siblings(&mut self, batch: &mut Vec<Completion>) {
+        if self.linger.is_zero() {
+            return;
+        }
+        let deadline = tokio::time::Instant::now() + self.linger;
+        while batch.len() < self.batch_size {
+            let in_hand: Vec<i64> = batch.iter().map(Completion::msg_id).collect();
+            if !self.in_flight.started_within(self.linger, &in_hand) {
+                return;
+            }
+            // Cancel-safe: a completion not yet received stays in the channel.
+            match tokio::time::timeout_at(deadline, self.completions.recv()).await {
+                Ok(Some(completion)) => {
+                    batch.push(completion);
+                    self.take_waiting(batch);
+                }
+                // The linger is over, or every sender is gone.
+                Ok(None) | Err(_) => return,
+            }
+        }
     }
 
     /// Commits one batch in one transaction. Results of withdrawn steps are

@@ -20,6 +20,11 @@ pub struct WorkerConfig {
     pub heartbeat: Duration,
     /// Results sent per completion transaction, at most.
     pub batch_size: usize,
+    /// How long a result may wait for the results of handlers dispatched
+    /// within this long before it (siblings of one read, such as the
+    /// parallel branches of a DAG), so they commit together and the
+    /// orchestrator applies them in one batch. Zero: never wait.
+    pub completion_linger: Duration,
     /// Fallback poll when no notification arrives; jittered by ±20%.
     pub poll_interval: Duration,
     /// On shutdown, how long in-flight handlers may still run.
@@ -41,6 +46,7 @@ impl WorkerConfig {
             lease,
             heartbeat: lease / 3,
             batch_size: 64,
+            completion_linger: Duration::from_millis(1),
             poll_interval: Duration::from_secs(1),
             drain_deadline: Duration::from_secs(25),
             max_deliveries: 5,

@@ -5,6 +5,7 @@
 use std::collections::HashMap;
 use std::collections::hash_map::Entry as MapEntry;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::time::{Duration, Instant};
 
 use tokio_util::sync::CancellationToken;
 
@@ -12,6 +13,7 @@ use tokio_util::sync::CancellationToken;
 struct Entry {
     token: CancellationToken,
     withdrawn: bool,
+    since: Instant,
 }
 
 /// Shared by the dispatcher, the completer and the heartbeat; cheap to clone.
@@ -36,6 +38,7 @@ impl InFlight {
                 slot.insert(Entry {
                     token: token.clone(),
                     withdrawn: false,
+                    since: Instant::now(),
                 });
                 Some(token)
             }
@@ -69,6 +72,15 @@ impl InFlight {
             }
         }
         withdrawn
+    }
+
+    /// Whether a message other than `except`, not withdrawn, was dispatched
+    /// within `window` of now: a handler started beside the ones whose
+    /// results are in hand, likely to finish in a moment if they did.
+    pub fn started_within(&self, window: Duration, except: &[i64]) -> bool {
+        self.lock().iter().any(|(id, entry)| {
+            !entry.withdrawn && entry.since.elapsed() <= window && !except.contains(id)
+        })
     }
 
     pub fn is_withdrawn(&self, msg_id: i64) -> bool {
@@ -109,5 +121,27 @@ mod tests {
         assert!(in_flight.withdraw_missing(&[2], &[]).is_empty());
         in_flight.remove(&[1, 2]);
         assert!(in_flight.is_empty());
+    }
+
+    #[test]
+    fn recent_dispatches_are_told_apart_from_the_ones_in_hand() {
+        let in_flight = InFlight::default();
+        in_flight.insert(1).expect("new");
+        let window = Duration::from_secs(60);
+        assert!(
+            !in_flight.started_within(window, &[1]),
+            "only the one in hand"
+        );
+        in_flight.insert(2).expect("new");
+        assert!(in_flight.started_within(window, &[1]));
+        assert!(
+            !in_flight.started_within(Duration::ZERO, &[1]),
+            "not within no time"
+        );
+        in_flight.withdraw_missing(&[2], &[]);
+        assert!(
+            !in_flight.started_within(window, &[1]),
+            "a withdrawn one is not waited for"
+        );
     }
 }
