@@ -63,7 +63,7 @@ impl Completer {
         while let Some(first) = self.completions.recv().await {
             let mut batch = vec![first];
             self.take_waiting(&mut batch);
-            self.linger_for_siblings(&mut batch).await;
+            self.linger_for_siblings(&mut batch, &give_up).await;
             loop {
                 let attempt = tokio::select! {
                     // Cancel-safe: dropping an open transaction rolls it back.
@@ -111,7 +111,11 @@ impl Completer {
     /// apart, two results cost the orchestrator two batches, the second
     /// waiting on the task's lock for the first. A result whose siblings are
     /// long-running, or that has none, goes at once.
-    async fn linger_for_siblings(&mut self, batch: &mut Vec<Completion>) {
+    async fn linger_for_siblings(
+        &mut self,
+        batch: &mut Vec<Completion>,
+        give_up: &CancellationToken,
+    ) {
         if self.linger.is_zero() {
             return;
         }
@@ -121,8 +125,14 @@ impl Completer {
             if !self.in_flight.started_within(self.linger, &in_hand) {
                 return;
             }
-            // Cancel-safe: a completion not yet received stays in the channel.
-            match tokio::time::timeout_at(deadline, self.completions.recv()).await {
+            let received = tokio::select! {
+                // Cancel-safe: a completion not yet received stays in the channel.
+                received = tokio::time::timeout_at(deadline, self.completions.recv()) => received,
+                // Cancel-safe: cancellation is a flag. The batch is committed
+                // (or abandoned) by the caller, which watches it too.
+                () = give_up.cancelled() => return,
+            };
+            match received {
                 Ok(Some(completion)) => {
                     batch.push(completion);
                     self.take_waiting(batch);
