@@ -435,7 +435,11 @@ steps:
     .await;
     let mut worker = fleet::worker_config("linger");
     worker.completion_linger = Duration::from_secs(2);
-    let fleet = Fleet::start_with(&pool, 1, vec![worker]);
+    // One collector: results committed together are then always applied in
+    // one batch (two collectors may split them, each locking one row).
+    let mut orchestrator = fleet::orchestrator_config();
+    orchestrator.collectors = 1;
+    let fleet = Fleet::start_with(&pool, vec![orchestrator], vec![worker]);
     let id = fleet::create(&pool, "linger", "fork", json!({})).await;
     assert_eq!(
         fleet::wait_final(&pool, id, LONG).await,

@@ -64,25 +64,22 @@ pub fn own_pool(pool: &PgPool) -> PgPool {
 impl Fleet {
     /// Starts `orchestrators` orchestrators and one worker per namespace.
     pub fn start(pool: &PgPool, orchestrators: usize, namespaces: &[&str]) -> Fleet {
+        let orchestrators = (0..orchestrators).map(|_| orchestrator_config()).collect();
         let workers = namespaces.iter().map(|ns| worker_config(ns)).collect();
         Self::start_with(pool, orchestrators, workers)
     }
 
-    /// Starts `orchestrators` orchestrators and one worker per configuration.
+    /// Starts one orchestrator and one worker per configuration.
     pub fn start_with(
         pool: &PgPool,
-        orchestrators: usize,
+        orchestrators: Vec<orchestrator::OrchestratorConfig>,
         workers: Vec<worker::WorkerConfig>,
     ) -> Fleet {
         let shutdown = CancellationToken::new();
         let tracker = TaskTracker::new();
-        for _ in 0..orchestrators {
+        for config in orchestrators {
             let (pool, stop) = (own_pool(pool), shutdown.clone());
-            tracker.spawn(async move {
-                orchestrator::run(orchestrator_config(), pool, stop)
-                    .await
-                    .unwrap()
-            });
+            tracker.spawn(async move { orchestrator::run(config, pool, stop).await.unwrap() });
         }
         for config in workers {
             let worker = worker::Worker::builder(config).build();

@@ -139,7 +139,17 @@ impl Dispatcher {
             tokio::select! {
                 // Cancel-safe: `recv` loses nothing when dropped.
                 delivery = self.deliveries.recv() => match delivery {
-                    Some(delivery) => self.dispatch(delivery, &give_up),
+                    Some(delivery) => {
+                        // The rest of the read, if already here, is
+                        // registered before any of it runs: a handler that
+                        // ends at once then finds its siblings in flight
+                        // (the completion linger waits for them).
+                        let mut read = vec![delivery];
+                        while let Ok(more) = self.deliveries.try_recv() {
+                            read.push(more);
+                        }
+                        self.dispatch(read, &give_up);
+                    }
                     None => break,
                 },
                 // Cancel-safe: cancellation is a flag.
@@ -158,29 +168,37 @@ impl Dispatcher {
         debug!("dispatcher stopped");
     }
 
-    fn dispatch(&self, delivery: Delivery, give_up: &CancellationToken) {
-        let Delivery { message, permit } = delivery;
-        let msg_id = message.msg_id;
-        let Some(token) = self.shared.in_flight.insert(msg_id) else {
-            // Redelivered while its first delivery still runs here (a lapsed
-            // lease): that run will complete it.
-            debug!(msg_id, "already running here; delivery skipped");
-            return;
-        };
-        let shared = Arc::clone(&self.shared);
-        let give_up = give_up.clone();
-        self.tracker.spawn(async move {
-            // Held until the completion is handed over, so a slow completer
-            // slows reading instead of piling up finished work.
-            let _permit = permit;
-            tokio::select! {
-                biased;
-                // Cancel-safe: cancellation is a flag. Dropping the handler
-                // loses its result, and the message is left to its lease.
-                () = give_up.cancelled() => warn!(msg_id, "handler given up at the drain deadline; left to its lease"),
-                () = shared.handle(message, token) => {}
-            }
-        });
+    fn dispatch(&self, read: Vec<Delivery>, give_up: &CancellationToken) {
+        let registered: Vec<_> = read
+            .into_iter()
+            .filter_map(|delivery| {
+                let msg_id = delivery.message.msg_id;
+                let Some(token) = self.shared.in_flight.insert(msg_id) else {
+                    // Redelivered while its first delivery still runs here (a
+                    // lapsed lease): that run will complete it.
+                    debug!(msg_id, "already running here; delivery skipped");
+                    return None;
+                };
+                Some((delivery, token))
+            })
+            .collect();
+        for (Delivery { message, permit }, token) in registered {
+            let msg_id = message.msg_id;
+            let shared = Arc::clone(&self.shared);
+            let give_up = give_up.clone();
+            self.tracker.spawn(async move {
+                // Held until the completion is handed over, so a slow completer
+                // slows reading instead of piling up finished work.
+                let _permit = permit;
+                tokio::select! {
+                    biased;
+                    // Cancel-safe: cancellation is a flag. Dropping the handler
+                    // loses its result, and the message is left to its lease.
+                    () = give_up.cancelled() => warn!(msg_id, "handler given up at the drain deadline; left to its lease"),
+                    () = shared.handle(message, token) => {}
+                }
+            });
+        }
     }
 }
 
