@@ -171,8 +171,8 @@ pub struct WorkerArgs {
     /// Results sent per transaction.
     #[arg(long, env = "WEFT_RESULT_BATCH", default_value_t = 64)]
     pub result_batch: usize,
-    /// How long a result may wait for the results of handlers dispatched
-    /// within this long before it, to commit together (0ms: never wait).
+    /// How long a result may wait for its running siblings (messages of the
+    /// same read) read within this long, to commit together (0ms: never wait).
     #[arg(long, env = "WEFT_COMPLETION_LINGER", default_value = "1ms", value_parser = duration)]
     pub completion_linger: Duration,
     /// Fallback poll interval when no notification arrives (jittered).

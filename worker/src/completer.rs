@@ -105,12 +105,12 @@ impl Completer {
         }
     }
 
-    /// While a handler dispatched within the linger of now is still running
-    /// (a sibling of these results in one read, such as the other branch of
-    /// a diamond), waits for its result, at most the linger: committed
-    /// apart, two results cost the orchestrator two batches, the second
-    /// waiting on the task's lock for the first. A result whose siblings are
-    /// long-running, or that has none, goes at once.
+    /// While a sibling of these results (a message of the same read, such as
+    /// the other branch of a diamond) read within the linger is still
+    /// running, waits for its result, at most the linger: committed apart,
+    /// two results cost the orchestrator two batches, the second waiting on
+    /// the task's lock for the first. A result whose siblings have run
+    /// longer than the linger, or that has none, goes at once.
     async fn linger_for_siblings(
         &mut self,
         batch: &mut Vec<Completion>,
@@ -122,7 +122,7 @@ impl Completer {
         let deadline = tokio::time::Instant::now() + self.linger;
         while batch.len() < self.batch_size {
             let in_hand: Vec<i64> = batch.iter().map(Completion::msg_id).collect();
-            if !self.in_flight.started_within(self.linger, &in_hand) {
+            if !self.in_flight.siblings_running(self.linger, &in_hand) {
                 return;
             }
             let received = tokio::select! {

@@ -20,10 +20,10 @@ pub struct WorkerConfig {
     pub heartbeat: Duration,
     /// Results sent per completion transaction, at most.
     pub batch_size: usize,
-    /// How long a result may wait for the results of handlers dispatched
-    /// within this long before it (siblings of one read, such as the
-    /// parallel branches of a DAG), so they commit together and the
-    /// orchestrator applies them in one batch. Zero: never wait.
+    /// How long a result may wait for its running siblings (messages of the
+    /// same read, such as the parallel branches of a DAG) read within this
+    /// long, so they commit together and the orchestrator applies them in
+    /// one batch. Zero: never wait.
     pub completion_linger: Duration,
     /// Fallback poll when no notification arrives; jittered by ±20%.
     pub poll_interval: Duration,

@@ -169,19 +169,22 @@ impl Dispatcher {
     }
 
     fn dispatch(&self, read: Vec<Delivery>, give_up: &CancellationToken) {
-        let registered: Vec<_> = read
+        let ids: Vec<i64> = read.iter().map(|d| d.message.msg_id).collect();
+        let tokens = self.shared.in_flight.insert_read(&ids);
+        let registered = read
             .into_iter()
-            .filter_map(|delivery| {
-                let msg_id = delivery.message.msg_id;
-                let Some(token) = self.shared.in_flight.insert(msg_id) else {
+            .zip(tokens)
+            .filter_map(|(delivery, token)| {
+                if token.is_none() {
                     // Redelivered while its first delivery still runs here (a
                     // lapsed lease): that run will complete it.
-                    debug!(msg_id, "already running here; delivery skipped");
-                    return None;
-                };
-                Some((delivery, token))
-            })
-            .collect();
+                    debug!(
+                        msg_id = delivery.message.msg_id,
+                        "already running here; delivery skipped"
+                    );
+                }
+                Some((delivery, token?))
+            });
         for (Delivery { message, permit }, token) in registered {
             let msg_id = message.msg_id;
             let shared = Arc::clone(&self.shared);

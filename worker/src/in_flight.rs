@@ -4,6 +4,7 @@
 
 use std::collections::HashMap;
 use std::collections::hash_map::Entry as MapEntry;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant};
 
@@ -13,36 +14,49 @@ use tokio_util::sync::CancellationToken;
 struct Entry {
     token: CancellationToken,
     withdrawn: bool,
+    /// The read it came in, and when that read was registered.
+    read: u64,
     since: Instant,
 }
 
 /// Shared by the dispatcher, the completer and the heartbeat; cheap to clone.
 #[derive(Debug, Clone, Default)]
-pub struct InFlight(Arc<Mutex<HashMap<i64, Entry>>>);
+pub struct InFlight {
+    entries: Arc<Mutex<HashMap<i64, Entry>>>,
+    reads: Arc<AtomicU64>,
+}
 
 impl InFlight {
     fn lock(&self) -> MutexGuard<'_, HashMap<i64, Entry>> {
         // A panic while holding this lock cannot leave the map half-updated
         // (every operation is a single map call), so the data is still good.
-        self.0.lock().unwrap_or_else(PoisonError::into_inner)
+        self.entries.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
-    /// Starts tracking a message and returns its handler's cancellation
-    /// token; `None` if the message is already held here (it was redelivered
-    /// to us while still running, after a lapsed lease).
-    pub fn insert(&self, msg_id: i64) -> Option<CancellationToken> {
-        match self.lock().entry(msg_id) {
-            MapEntry::Occupied(_) => None,
-            MapEntry::Vacant(slot) => {
-                let token = CancellationToken::new();
-                slot.insert(Entry {
-                    token: token.clone(),
-                    withdrawn: false,
-                    since: Instant::now(),
-                });
-                Some(token)
-            }
-        }
+    /// Starts tracking the messages of one read, all before any of their
+    /// handlers runs, and returns each one's handler cancellation token;
+    /// `None` for a message already held here (it was redelivered to us
+    /// while still running, after a lapsed lease).
+    pub fn insert_read(&self, msg_ids: &[i64]) -> Vec<Option<CancellationToken>> {
+        let read = self.reads.fetch_add(1, Ordering::Relaxed);
+        let since = Instant::now();
+        let mut map = self.lock();
+        msg_ids
+            .iter()
+            .map(|&msg_id| match map.entry(msg_id) {
+                MapEntry::Occupied(_) => None,
+                MapEntry::Vacant(slot) => {
+                    let token = CancellationToken::new();
+                    slot.insert(Entry {
+                        token: token.clone(),
+                        withdrawn: false,
+                        read,
+                        since,
+                    });
+                    Some(token)
+                }
+            })
+            .collect()
     }
 
     pub fn ids(&self) -> Vec<i64> {
@@ -74,12 +88,21 @@ impl InFlight {
         withdrawn
     }
 
-    /// Whether a message other than `except`, not withdrawn, was dispatched
-    /// within `window` of now: a handler started beside the ones whose
-    /// results are in hand, likely to finish in a moment if they did.
-    pub fn started_within(&self, window: Duration, except: &[i64]) -> bool {
-        self.lock().iter().any(|(id, entry)| {
-            !entry.withdrawn && entry.since.elapsed() <= window && !except.contains(id)
+    /// Whether a sibling of the messages in hand still runs: a message of
+    /// the same read, not in hand, not withdrawn, read within `window` of
+    /// now (one that has run longer is not about to finish).
+    pub fn siblings_running(&self, window: Duration, in_hand: &[i64]) -> bool {
+        let map = self.lock();
+        let reads: Vec<u64> = in_hand
+            .iter()
+            .filter_map(|id| map.get(id))
+            .map(|e| e.read)
+            .collect();
+        map.iter().any(|(id, entry)| {
+            !entry.withdrawn
+                && reads.contains(&entry.read)
+                && entry.since.elapsed() <= window
+                && !in_hand.contains(id)
         })
     }
 
@@ -109,9 +132,12 @@ mod tests {
     #[test]
     fn withdrawn_messages_are_cancelled_and_marked() {
         let in_flight = InFlight::default();
-        let one = in_flight.insert(1).expect("new");
-        let two = in_flight.insert(2).expect("new");
-        assert!(in_flight.insert(1).is_none(), "a message is held once");
+        let [one, two] = <[_; 2]>::try_from(in_flight.insert_read(&[1, 2])).unwrap();
+        let (one, two) = (one.expect("new"), two.expect("new"));
+        assert!(
+            in_flight.insert_read(&[1])[0].is_none(),
+            "a message is held once"
+        );
         assert_eq!(in_flight.withdraw_missing(&[1, 2, 3], &[1]), vec![2]);
         assert!(!one.is_cancelled());
         assert!(two.is_cancelled());
@@ -124,23 +150,27 @@ mod tests {
     }
 
     #[test]
-    fn recent_dispatches_are_told_apart_from_the_ones_in_hand() {
+    fn running_siblings_are_told_apart_from_the_ones_in_hand() {
         let in_flight = InFlight::default();
-        in_flight.insert(1).expect("new");
+        in_flight.insert_read(&[1, 2]);
         let window = Duration::from_secs(60);
         assert!(
-            !in_flight.started_within(window, &[1]),
-            "only the one in hand"
+            !in_flight.siblings_running(window, &[1, 2]),
+            "only the ones in hand"
         );
-        in_flight.insert(2).expect("new");
-        assert!(in_flight.started_within(window, &[1]));
+        assert!(in_flight.siblings_running(window, &[1]));
         assert!(
-            !in_flight.started_within(Duration::ZERO, &[1]),
+            !in_flight.siblings_running(Duration::ZERO, &[1]),
             "not within no time"
+        );
+        in_flight.insert_read(&[3]);
+        assert!(
+            !in_flight.siblings_running(window, &[3]),
+            "a message of another read is no sibling"
         );
         in_flight.withdraw_missing(&[2], &[]);
         assert!(
-            !in_flight.started_within(window, &[1]),
+            !in_flight.siblings_running(window, &[1]),
             "a withdrawn one is not waited for"
         );
     }
