@@ -564,6 +564,65 @@ async fn tasks_create_read_list_and_refuse() {
     s.stop().await;
 }
 
+/// Steps declared after their dependents, dependencies listed out of
+/// declaration order, two roots, retry and timeout settings.
+const TANGLED: &str = "
+namespace: demo
+name: tangled
+version: 3
+on_failure: continue
+steps:
+  - { name: join, handler: builtin.noop, depends_on: [right, left, root] }
+  - { name: right, handler: builtin.noop, depends_on: [root], timeout: 1500ms }
+  - { name: root, handler: builtin.noop, config: { greeting: hé } }
+  - { name: left, handler: builtin.noop, depends_on: [root], retry: { max_attempts: 7 } }
+  - { name: lone, handler: builtin.noop }
+";
+
+/// `POST /v1/tasks` builds the created task's view from what it wrote
+/// instead of reading it back: it must be exactly what `GET` then reads.
+#[tokio::test]
+async fn a_created_task_answers_exactly_as_get_reads_it() {
+    let s = Server::start().await;
+    s.register(DIAMOND).await;
+    let registered = s.register(TANGLED).await;
+    assert_eq!(registered.status, 201, "{registered:#?}");
+    for (name, input, priority) in [
+        (
+            "diamond",
+            json!({"order": 7, "lines": [1, 2.5, "x"], "nested": {"b": null, "a": true}}),
+            0,
+        ),
+        ("tangled", json!("just a string"), -3),
+        ("tangled", Value::Null, 12),
+    ] {
+        let created = s
+            .create(
+                json!({"namespace": "demo", "name": name, "input": input, "priority": priority}),
+            )
+            .await;
+        assert_eq!(created.status, 201, "{created:#?}");
+        let read = s.get(&format!("/v1/tasks/{}", created.id())).await;
+        assert_eq!(read.status, 200, "{read:#?}");
+        assert_eq!(created.body, read.body, "{name}");
+    }
+    let tangled = s
+        .create(json!({"namespace": "demo", "name": "tangled"}))
+        .await;
+    let steps = tangled.body["steps"].as_array().unwrap();
+    let names: Vec<&str> = steps.iter().map(|s| s["name"].as_str().unwrap()).collect();
+    assert_eq!(names, ["join", "right", "root", "left", "lone"]);
+    assert_eq!(steps[0]["depends_on"], json!(["right", "root", "left"]));
+    let enqueued: Vec<&str> = steps
+        .iter()
+        .filter(|s| s["state"] == "enqueued")
+        .map(|s| s["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(enqueued, ["root", "lone"]);
+    assert_eq!(tangled.body["execution_status"], "processing");
+    s.stop().await;
+}
+
 #[tokio::test]
 async fn an_idempotency_key_returns_the_same_task() {
     let s = Server::start().await;
