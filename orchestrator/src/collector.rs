@@ -2,8 +2,9 @@
 //! enqueues what became ready and finalizes tasks: one statement (one round
 //! trip, one transaction) per batch, read included: `weft.collect_batch`.
 
-use std::sync::Arc;
+use std::collections::{HashSet, VecDeque};
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use serde_json::Value;
@@ -62,17 +63,52 @@ pub struct Collected {
 /// listener gets every notification: when the lead collector is waiting it
 /// wakes for it too, and a helper woken beside it would only find the rows
 /// locked or gone and run an empty batch. So a helper acts on a
-/// notification only while the lead is mid-batch or not listening; on its
-/// fallback poll it always runs.
+/// notification only while the lead is mid-batch or not listening, and not
+/// when every result it names is one the lead woke for before its batch
+/// began (that batch sees them) or one a batch of the crew already took.
+/// The lead, likewise, skips a wake-up for results the crew already took
+/// (a notification that arrived while the batch that took them ran). A
+/// notification that names nothing (an empty payload) always counts. On
+/// its fallback poll a collector always runs.
 #[derive(Clone, Default)]
 pub struct Crew {
     lead: Arc<LeadState>,
+    taken: Arc<Mutex<Taken>>,
 }
 
 #[derive(Default)]
 struct LeadState {
     busy: AtomicBool,
     listening: AtomicBool,
+    /// The results the lead's current (or next) batch woke for: committed
+    /// before it began, so visible to it.
+    claimed: Mutex<HashSet<i64>>,
+}
+
+/// The message ids of results the crew's batches took (applied, or leased
+/// to their decoder), the latest [`Taken::KEPT`]: a notification is
+/// delivered within moments of its commit, so an older id is not asked about.
+#[derive(Default)]
+struct Taken {
+    order: VecDeque<i64>,
+    ids: HashSet<i64>,
+}
+
+impl Taken {
+    const KEPT: usize = 16_384;
+
+    fn insert(&mut self, ids: impl IntoIterator<Item = i64>) {
+        for id in ids {
+            if self.ids.insert(id) {
+                self.order.push_back(id);
+            }
+        }
+        while self.order.len() > Self::KEPT {
+            if let Some(old) = self.order.pop_front() {
+                self.ids.remove(&old);
+            }
+        }
+    }
 }
 
 impl Crew {
@@ -82,6 +118,40 @@ impl Crew {
     fn lead_covers(&self) -> bool {
         !self.lead.busy.load(Ordering::Acquire) && self.lead.listening.load(Ordering::Acquire)
     }
+
+    /// Whether every one of `named` was taken by a batch of the crew.
+    fn all_taken(&self, named: &[i64]) -> bool {
+        let taken = lock(&self.taken);
+        named.iter().all(|id| taken.ids.contains(id))
+    }
+
+    /// Whether every one of `named` was taken, or is seen by the lead's batch.
+    fn all_covered(&self, named: &[i64]) -> bool {
+        let taken = lock(&self.taken);
+        let claimed = lock(&self.lead.claimed);
+        named
+            .iter()
+            .all(|id| taken.ids.contains(id) || claimed.contains(id))
+    }
+
+    fn took(&self, ids: impl IntoIterator<Item = i64>) {
+        lock(&self.taken).insert(ids);
+    }
+
+    /// The lead is about to run a batch for these results (before it marks
+    /// itself busy, so a helper never finds it busy and them unclaimed).
+    fn claim(&self, named: &[i64]) {
+        lock(&self.lead.claimed).extend(named);
+    }
+
+    fn unclaim(&self) {
+        lock(&self.lead.claimed).clear();
+    }
+}
+
+/// The crew's sets are only ever left consistent (no panics while held).
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
 /// A collector's place in its crew.
@@ -128,6 +198,9 @@ impl Collector {
             self.set_busy(true);
             let collected = self.run_once().await;
             self.set_busy(false);
+            if let Role::Lead(crew) = &self.role {
+                crew.unclaim();
+            }
             match collected {
                 Ok(c) if c.read as i32 >= self.config.batch_size => continue,
                 Ok(_) => {}
@@ -143,12 +216,25 @@ impl Collector {
                     // Cancel-safe: a notification not yet taken stays buffered in the listener.
                     woken = wake.wait(jittered(self.config.poll_interval)) => woken,
                 };
+                let named = wake.named().filter(|_| woken == Woken::Notified);
                 match &self.role {
-                    Role::Lead(crew) => crew
-                        .lead
-                        .listening
-                        .store(wake.listening(), Ordering::Release),
+                    Role::Lead(crew) => {
+                        crew.lead
+                            .listening
+                            .store(wake.listening(), Ordering::Release);
+                        if let Some(named) = named {
+                            if crew.all_taken(named) {
+                                self.metrics.wakeup_skipped();
+                                continue;
+                            }
+                            crew.claim(named);
+                        }
+                    }
                     Role::Helper(crew) if woken == Woken::Notified && crew.lead_covers() => {
+                        continue;
+                    }
+                    Role::Helper(crew) if named.is_some_and(|named| crew.all_covered(named)) => {
+                        self.metrics.wakeup_skipped();
                         continue;
                     }
                     Role::Helper(_) => {}
@@ -204,6 +290,15 @@ impl Collector {
             }
         }
         record(&self.metrics, &read.batch, &mut done);
+        let crew = match &self.role {
+            Role::Lead(crew) | Role::Helper(crew) => crew,
+        };
+        crew.took(
+            read.msg_ids
+                .iter()
+                .chain(read.unchecked.iter().map(|m| &m.msg_id))
+                .copied(),
+        );
         if !read.unchecked.is_empty() {
             Self::judge(&mut *conn, &self.metrics, &read.unchecked, &mut done).await?;
         }
@@ -364,4 +459,38 @@ fn dead_letter(message: &QueueMessage, reason: &str, detail: &str) -> Value {
         "message": message.message,
         "dead_lettered_at": chrono::Utc::now(),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{Crew, Taken};
+
+    #[test]
+    fn a_wake_up_is_skipped_only_for_results_taken_or_claimed_by_the_lead() {
+        let crew = Crew::default();
+        crew.took([1, 2]);
+        assert!(crew.all_taken(&[1, 2]));
+        assert!(!crew.all_taken(&[1, 3]), "3 was not taken");
+        crew.claim(&[3]);
+        assert!(crew.all_covered(&[1, 3]), "the lead's batch sees 3");
+        assert!(
+            !crew.all_taken(&[3]),
+            "the lead does not skip its own claim"
+        );
+        assert!(!crew.all_covered(&[3, 4]));
+        crew.unclaim();
+        assert!(!crew.all_covered(&[3]), "a finished batch claims nothing");
+    }
+
+    #[test]
+    fn the_crew_remembers_the_latest_ids_taken() {
+        let mut taken = Taken::default();
+        let kept = Taken::KEPT as i64;
+        taken.insert(0..kept + 10);
+        assert_eq!(taken.ids.len(), Taken::KEPT);
+        assert!(!taken.ids.contains(&9));
+        assert!(taken.ids.contains(&10) && taken.ids.contains(&(kept + 9)));
+        taken.insert([kept + 9, kept + 9]);
+        assert_eq!(taken.order.len(), Taken::KEPT, "an id is kept once");
+    }
 }

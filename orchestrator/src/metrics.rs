@@ -18,6 +18,7 @@ struct Counters {
     tasks_error: AtomicU64,
     tasks_cancelled: AtomicU64,
     db_errors: AtomicU64,
+    wakeups_skipped: AtomicU64,
     /// Background loops started and not yet stopped, and how many there should be.
     loops_running: AtomicU64,
     loops_expected: AtomicU64,
@@ -56,6 +57,10 @@ impl Metrics {
 
     pub fn db_error(&self) {
         self.0.db_errors.fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub fn wakeup_skipped(&self) {
+        self.0.wakeups_skipped.fetch_add(1, Ordering::Relaxed);
     }
 
     /// Declares how many background loops this process runs.
@@ -134,6 +139,11 @@ impl Metrics {
             "weft_database_errors_total",
             "Failed database round trips in background loops.",
             &[("", load(&c.db_errors))],
+        );
+        counter(
+            "weft_collector_wakeups_skipped_total",
+            "Result notifications a collector did not act on: every result they named was taken by a batch of this orchestrator already.",
+            &[("", load(&c.wakeups_skipped))],
         );
         if let Ok(queues) = c.queues.lock() {
             let mut gauge = |name: &str, help: &str, value: &dyn Fn(&QueueStats) -> String| {

@@ -508,6 +508,8 @@ pub struct ReadBatch {
     pub batch: CollectedBatch,
     /// The applied result messages as checked, in `batch.applied`'s order.
     pub results: Vec<Value>,
+    /// Their message ids, in the same order.
+    pub msg_ids: Vec<i64>,
     /// Messages that are not plainly well formed, now leased to this
     /// collector for the orchestrator's decoder to judge.
     pub unchecked: Vec<shared::queue::QueueMessage>,

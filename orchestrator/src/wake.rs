@@ -25,6 +25,8 @@ pub struct Wake {
     pool: PgPool,
     channels: Vec<String>,
     listener: Option<PgListener>,
+    /// What the notifications of the last wake-up named (see [`Wake::named`]).
+    named: Option<Vec<i64>>,
 }
 
 impl Wake {
@@ -33,6 +35,7 @@ impl Wake {
             pool,
             channels: channels.iter().map(|c| (*c).to_owned()).collect(),
             listener: None,
+            named: None,
         }
     }
 
@@ -41,6 +44,7 @@ impl Wake {
     /// notification, since notifications stay buffered in the listener until
     /// taken.
     pub async fn wait(&mut self, timeout: Duration) -> Woken {
+        self.named = None;
         if self.listener.is_none() {
             self.listener = self.connect().await;
         }
@@ -49,9 +53,16 @@ impl Wake {
             return Woken::TimedOut;
         };
         match tokio::time::timeout(timeout, listener.try_recv()).await {
-            Ok(Ok(Some(_))) => {
+            Ok(Ok(Some(first))) => {
                 // Coalesce a burst of notifications into one wake-up.
-                while listener.next_buffered().is_some() {}
+                let mut named = message_ids(first.payload());
+                while let Some(next) = listener.next_buffered() {
+                    named = named.zip(message_ids(next.payload())).map(|(mut a, b)| {
+                        a.extend(b);
+                        a
+                    });
+                }
+                self.named = named;
                 Woken::Notified
             }
             // The connection dropped: notifications may be lost, so wake and
@@ -67,6 +78,14 @@ impl Wake {
             }
             Err(_elapsed) => Woken::TimedOut,
         }
+    }
+
+    /// The message ids the notifications of the last wake-up named, when
+    /// every one of them named its messages; `None` after a timeout, or
+    /// when one had a payload that is not a list of ids (an empty payload,
+    /// the protocol's plain wake-up, names nothing: anything may be new).
+    pub fn named(&self) -> Option<&[i64]> {
+        self.named.as_deref()
     }
 
     /// Whether a listener is connected (or was, until its last wait).
@@ -93,7 +112,30 @@ impl Wake {
     }
 }
 
+/// A notification payload's message ids: decimal ids separated by commas
+/// (`shared::queue::complete` sends them), or `None` for any other payload.
+fn message_ids(payload: &str) -> Option<Vec<i64>> {
+    if payload.is_empty() {
+        return None;
+    }
+    payload.split(',').map(|id| id.parse().ok()).collect()
+}
+
 /// `interval` scaled by a random factor in [0.8, 1.2), so a fleet's polls spread out.
 pub fn jittered(interval: Duration) -> Duration {
     interval.mul_f64(rand::rng().random_range(0.8..1.2))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::message_ids;
+
+    #[test]
+    fn a_payload_names_messages_only_when_it_is_a_list_of_ids() {
+        assert_eq!(message_ids("17"), Some(vec![17]));
+        assert_eq!(message_ids("3,1,2"), Some(vec![3, 1, 2]));
+        for payload in ["", ",", "1,", "1,,2", "x", "1, 2", "99999999999999999999"] {
+            assert_eq!(message_ids(payload), None, "{payload:?}");
+        }
+    }
 }

@@ -165,7 +165,10 @@ pub async fn delete_batch(
 /// A worker's usual completion in one statement (one round trip, atomic
 /// without an explicit transaction): deletes the step messages `msg_ids`
 /// from `steps` and sends `results` to `results_queue`, notifying its
-/// listeners when there are any. Returns how many step messages existed.
+/// listeners when there are any. The notification names the results' message
+/// ids (comma-separated; empty past [`NAMED_IN_A_NOTIFICATION`]), so a
+/// collector that already applied them skips the wake-up. Returns how many
+/// step messages existed.
 pub async fn complete(
     executor: impl PgExecutor<'_>,
     steps: &QueueName,
@@ -184,7 +187,11 @@ pub async fn complete(
          )
          select (select count(*) from deleted),
                 (select count(*) from sent),
-                (select count(*) from (select pg_notify($3, '')
+                (select count(*) from (select pg_notify($3, (
+                                           select case when count(*) <= $4
+                                                       then string_agg(msg_id::text, ',' order by msg_id)
+                                                       else '' end
+                                             from sent))
                                        where cardinality($2::jsonb[]) > 0) n)",
         steps.table(),
         results_queue.table()
@@ -193,10 +200,15 @@ pub async fn complete(
         .bind(msg_ids)
         .bind(results)
         .bind(results_queue.channel())
+        .bind(NAMED_IN_A_NOTIFICATION)
         .fetch_one(executor)
         .await?;
     Ok(deleted)
 }
+
+/// How many message ids a notification names at most: PostgreSQL refuses a
+/// payload of 8,000 bytes or more, and an id takes up to 20 with its comma.
+pub const NAMED_IN_A_NOTIFICATION: i64 = 300;
 
 /// Extends the lease of messages by `lease_secs` from now; returns the ids
 /// that still exist (a missing id was withdrawn, for example by cancellation).

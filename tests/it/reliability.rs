@@ -877,6 +877,29 @@ async fn a_lease_commits_asynchronously_and_a_completion_durably() {
 /// mid-batch. Neither path waits for the fallback poll (an hour here): a
 /// result for a task whose row the test holds locked keeps the lead busy,
 /// and a result for another task is applied meanwhile, by the helper.
+/// A collector's settings for tests that send results themselves: no
+/// fallback poll within the test, so only notifications wake it.
+fn notified_only() -> orchestrator::collector::CollectorConfig {
+    let mut config = fleet::orchestrator_config().collector;
+    config.poll_interval = Duration::from_secs(3600);
+    config
+}
+
+/// Whether `n` connections of the database are listening, within 10 s (a
+/// notification sent before LISTEN is not delivered).
+async fn listening(pool: &sqlx::PgPool, n: i64) -> bool {
+    support::wait_until(Duration::from_secs(10), || async {
+        count(
+            pool,
+            "select count(*) from pg_stat_activity
+              where datname = current_database() and query like 'LISTEN%'",
+        )
+        .await
+            == n
+    })
+    .await
+}
+
 #[tokio::test]
 async fn a_helper_collector_applies_results_while_the_lead_is_busy() {
     use orchestrator::collector::{Crew, Role};
@@ -900,8 +923,7 @@ async fn a_helper_collector_applies_results_while_the_lead_is_busy() {
         }
     };
 
-    let mut config = fleet::orchestrator_config().collector;
-    config.poll_interval = Duration::from_secs(3600);
+    let config = notified_only();
     let shutdown = tokio_util::sync::CancellationToken::new();
     let crew = Crew::default();
     let mut running = Vec::new();
@@ -914,19 +936,8 @@ async fn a_helper_collector_applies_results_while_the_lead_is_busy() {
         );
         running.push(tokio::spawn(collector.run(shutdown.clone())));
     }
-    // Both listening before any result is sent (a notification sent before
-    // LISTEN is not delivered, and the poll is an hour away).
-    let listening = support::wait_until(Duration::from_secs(10), || async {
-        count(
-            &pool,
-            "select count(*) from pg_stat_activity
-              where datname = current_database() and query like 'LISTEN%'",
-        )
-        .await
-            == 2
-    })
-    .await;
-    assert!(listening, "both collectors listen");
+    // Both listening before any result is sent (the poll is an hour away).
+    assert!(listening(&pool, 2).await, "both collectors listen");
 
     let mut lock = pool.begin().await.unwrap();
     sqlx::query("select 1 from weft.tasks where id = $1 for update")
@@ -978,4 +989,116 @@ async fn a_helper_collector_applies_results_while_the_lead_is_busy() {
     for r in running {
         r.await.unwrap();
     }
+}
+
+/// Workers name the results they send in their notification, and a
+/// collector skips a wake-up for results its crew already applied, but acts
+/// on one that names a result it has not taken and on one that names none.
+#[tokio::test]
+async fn a_notification_for_results_already_applied_starts_no_batch() {
+    let url = support::fresh_database().await;
+    let pool = support::pool(&url, 10).await;
+    fleet::register(
+        &pool,
+        "namespace: named\nname: one\nversion: 1\nsteps:\n  - { name: a, handler: builtin.noop }\n",
+    )
+    .await;
+    // No worker: the test sends each step's result itself.
+    let mut tasks = Vec::new();
+    for _ in 0..3 {
+        tasks.push(fleet::create(&pool, "named", "one", json!({})).await);
+    }
+    let mut results = Vec::new();
+    let mut step_msgs = Vec::new();
+    for task in &tasks {
+        let step = fleet::step(&fleet::steps(&pool, *task).await, "a").id;
+        results.push(json!({ "v": 1, "task_id": task, "step_id": step, "attempt": 1, "status": "success", "output": {} }));
+        let msg_id: i64 = sqlx::query_scalar("select msg_id from weft.steps where id = $1")
+            .bind(step)
+            .fetch_one(&pool)
+            .await
+            .unwrap();
+        step_msgs.push(msg_id);
+    }
+
+    let metrics = orchestrator::Metrics::default();
+    let skipped = |metrics: &orchestrator::Metrics| {
+        metrics
+            .render()
+            .lines()
+            .find_map(|l| l.strip_prefix("weft_collector_wakeups_skipped_total "))
+            .map(|v| v.parse::<u64>().unwrap())
+            .unwrap()
+    };
+    let collector =
+        orchestrator::Collector::new(fleet::own_pool(&pool), notified_only(), metrics.clone());
+    let shutdown = tokio_util::sync::CancellationToken::new();
+    let running = tokio::spawn(collector.run(shutdown.clone()));
+    let mut listener = sqlx::postgres::PgListener::connect_with(&pool)
+        .await
+        .unwrap();
+    listener.listen("weft_results").await.unwrap();
+    assert!(
+        listening(&pool, 2).await,
+        "the collector and the test listen"
+    );
+
+    // A worker's completion names its result's message id.
+    let steps_queue = QueueName::steps(&Namespace::parse("named").unwrap());
+    queue::complete(
+        &pool,
+        &steps_queue,
+        &step_msgs[..1],
+        &QueueName::results(),
+        &results[..1],
+    )
+    .await
+    .unwrap();
+    let payload = listener.recv().await.unwrap().payload().to_owned();
+    let first_id: i64 = payload.parse().expect("one message id");
+    assert_eq!(
+        fleet::wait_final(&pool, tasks[0], Duration::from_secs(10)).await,
+        TaskState::Complete
+    );
+    assert_eq!(skipped(&metrics), 0);
+
+    // The same notification again: its result is applied, nothing to do.
+    sqlx::query("select pg_notify('weft_results', $1)")
+        .bind(&payload)
+        .execute(&pool)
+        .await
+        .unwrap();
+    let skips =
+        support::wait_until(Duration::from_secs(10), || async { skipped(&metrics) == 1 }).await;
+    assert!(skips, "the wake-up for an applied result was skipped");
+
+    // A result sent without notifying, then a notification naming it and
+    // the applied one: the collector acts on it.
+    let second_id: i64 = sqlx::query_scalar(
+        "insert into pgmq.q_weft_results (vt, message) values (clock_timestamp(), $1) returning msg_id",
+    )
+    .bind(&results[1])
+    .fetch_one(&pool)
+    .await
+    .unwrap();
+    sqlx::query("select pg_notify('weft_results', $1)")
+        .bind(format!("{first_id},{second_id}"))
+        .execute(&pool)
+        .await
+        .unwrap();
+    assert_eq!(
+        fleet::wait_final(&pool, tasks[1], Duration::from_secs(10)).await,
+        TaskState::Complete
+    );
+    // A notification that names nothing (the protocol's plain wake-up) counts too.
+    queue::send_batch(&pool, &QueueName::results(), &results[2..])
+        .await
+        .unwrap();
+    assert_eq!(
+        fleet::wait_final(&pool, tasks[2], Duration::from_secs(10)).await,
+        TaskState::Complete
+    );
+    assert_eq!(skipped(&metrics), 1);
+    shutdown.cancel();
+    running.await.unwrap();
 }
