@@ -163,6 +163,14 @@ pub enum Role {
     Helper(Crew),
 }
 
+impl Role {
+    fn crew(&self) -> &Crew {
+        match self {
+            Role::Lead(crew) | Role::Helper(crew) => crew,
+        }
+    }
+}
+
 pub struct Collector {
     pool: PgPool,
     conn: HeldConnection,
@@ -290,10 +298,7 @@ impl Collector {
             }
         }
         record(&self.metrics, &read.batch, &mut done);
-        let crew = match &self.role {
-            Role::Lead(crew) | Role::Helper(crew) => crew,
-        };
-        crew.took(
+        self.role.crew().took(
             read.msg_ids
                 .iter()
                 .chain(read.unchecked.iter().map(|m| &m.msg_id))

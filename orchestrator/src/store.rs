@@ -3,12 +3,15 @@
 //! several statements) so callers compose them in one transaction. Loops and
 //! HTTP handlers contain no SQL text.
 
+use std::collections::{HashMap, HashSet};
+
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use sqlx::{PgConnection, PgExecutor};
 use uuid::Uuid;
 
+use shared::names::StepName;
 use shared::template::Template;
 use shared::{ExecutionStatus, Namespace, StepState, TaskId, TaskState};
 
@@ -210,6 +213,7 @@ pub async fn create_tasks(
     }
 
     // Steps: ids are generated here so edges can name them.
+    let by_name = step_positions(template);
     let n = template.steps.len() * tasks.len();
     let mut step_task = Vec::with_capacity(n);
     let mut step_task_idx = Vec::with_capacity(n);
@@ -244,7 +248,7 @@ pub async fn create_tasks(
             multipliers.push(step.retry.backoff.multiplier);
             jitters.push(step.retry.backoff.jitter.as_str().to_owned());
             for dep in &step.depends_on {
-                if let Some(dep_position) = template.steps.iter().position(|s| &s.name == dep) {
+                if let Some(&dep_position) = by_name.get(dep) {
                     edge_task.push(*task_id);
                     edge_step.push(ids[position]);
                     edge_dep.push(ids[dep_position]);
@@ -288,7 +292,7 @@ pub async fn create_tasks(
         && let ([task], [id]) = (tasks, created.inserted.as_slice())
         && task.id == *id
     {
-        created.view = created_view(template, task, &step_ids, &created);
+        created.view = created_view(template, &by_name, task, &step_ids, &created);
     }
     Ok(created)
 }
@@ -301,21 +305,21 @@ pub async fn create_tasks(
 /// when the statement did not say when it ran.
 fn created_view(
     template: &Template,
+    positions: &HashMap<&StepName, usize>,
     task: &NewTask,
     step_ids: &[Uuid],
     created: &CreatedTasks,
 ) -> Option<TaskView> {
     let (created_at, at) = (created.created_at?, created.at?);
-    let position =
-        |name: &shared::names::StepName| template.steps.iter().position(|s| &s.name == name);
+    let roots: HashSet<Uuid> = created.enqueued.iter().map(|e| e.step_id).collect();
     let steps = template
         .steps
         .iter()
         .zip(step_ids)
         .map(|(step, id)| {
-            let enqueued = created.enqueued.iter().any(|e| e.step_id == *id);
+            let enqueued = roots.contains(id);
             let mut depends_on: Vec<_> = step.depends_on.iter().collect();
-            depends_on.sort_by_key(|name| position(name));
+            depends_on.sort_by_key(|name| positions.get(name));
             StepRow {
                 id: *id,
                 name: step.name.as_str().to_owned(),
@@ -354,6 +358,17 @@ fn created_view(
         },
         steps,
     })
+}
+
+/// Each step's position in the template's declaration order, by name (a
+/// fan-in of a thousand steps looks a thousand names up).
+fn step_positions(template: &Template) -> HashMap<&StepName, usize> {
+    template
+        .steps
+        .iter()
+        .enumerate()
+        .map(|(i, step)| (&step.name, i))
+        .collect()
 }
 
 fn millis_i32(d: std::time::Duration) -> i32 {
