@@ -263,6 +263,7 @@ pub fn orchestrator_config(
             batch_size: args.result_batch,
             lease: args.result_lease,
             poll_interval: args.poll_interval,
+            linger: args.batch_linger,
         },
         scheduler: orchestrator::SchedulerConfig {
             poll_interval: args.poll_interval,
@@ -317,6 +318,7 @@ pub fn worker_config(args: &WorkerArgs) -> anyhow::Result<worker::WorkerConfig> 
     config.heartbeat = args.lease / 3;
     config.batch_size = args.result_batch.max(1);
     config.completion_linger = args.completion_linger;
+    config.batch_linger = args.batch_linger;
     config.poll_interval = args.poll_interval;
     config.drain_deadline = args.drain_deadline;
     config.max_deliveries = args.max_deliveries;

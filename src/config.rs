@@ -117,6 +117,12 @@ pub struct OrchestratorArgs {
     /// a dead orchestrator releases at once.
     #[arg(long, env = "WEFT_RESULT_LEASE", default_value = "30s", value_parser = duration)]
     pub result_lease: Duration,
+    /// While results of independent tasks stream in, how long a batch of
+    /// results may wait for more to apply in the same transaction; a result
+    /// after a quiet spell, or whose waiting gathered nothing, goes at once
+    /// (0ms: never wait).
+    #[arg(long, env = "WEFT_BATCH_LINGER", default_value = "10ms", value_parser = duration)]
+    pub batch_linger: Duration,
     /// Fallback poll interval when no notification arrives (jittered).
     #[arg(long, env = "WEFT_POLL_INTERVAL", default_value = "5s", value_parser = duration)]
     pub poll_interval: Duration,
@@ -175,6 +181,12 @@ pub struct WorkerArgs {
     /// same read) read within this long, to commit together (0ms: never wait).
     #[arg(long, env = "WEFT_COMPLETION_LINGER", default_value = "1ms", value_parser = duration)]
     pub completion_linger: Duration,
+    /// While results of independent steps stream in, how long a batch of
+    /// results may wait for more to send in the same transaction; a result
+    /// after a quiet spell, or whose waiting gathered nothing, goes at once
+    /// (0ms: never wait).
+    #[arg(long, env = "WEFT_BATCH_LINGER", default_value = "10ms", value_parser = duration)]
+    pub batch_linger: Duration,
     /// Fallback poll interval when no notification arrives (jittered).
     #[arg(long, env = "WEFT_POLL_INTERVAL", default_value = "5s", value_parser = duration)]
     pub poll_interval: Duration,

@@ -5,7 +5,7 @@
 use std::collections::{HashSet, VecDeque};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use serde_json::Value;
 use sqlx::{Connection, PgPool};
@@ -13,6 +13,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
 use shared::conn::HeldConnection;
+use shared::linger::Linger;
 use shared::message::ResultMessage;
 use shared::queue::{self, QueueMessage, QueueName};
 
@@ -32,6 +33,10 @@ pub struct CollectorConfig {
     pub lease: Duration,
     /// Fallback poll when no notification arrives.
     pub poll_interval: Duration,
+    /// How long the lead collector's batch may wait for more results while
+    /// results of independent tasks stream in (see [`shared::linger`]).
+    /// Zero: never wait.
+    pub linger: Duration,
 }
 
 impl Default for CollectorConfig {
@@ -40,6 +45,7 @@ impl Default for CollectorConfig {
             batch_size: 100,
             lease: Duration::from_secs(30),
             poll_interval: Duration::from_secs(5),
+            linger: shared::linger::DEFAULT,
         }
     }
 }
@@ -177,6 +183,7 @@ pub struct Collector {
     config: CollectorConfig,
     metrics: Metrics,
     role: Role,
+    linger: Linger,
     /// Whether the next pass applies results one at a time (after a failure).
     isolate: bool,
 }
@@ -191,6 +198,7 @@ impl Collector {
         Self {
             conn: HeldConnection::new(pool.clone()),
             pool,
+            linger: Linger::new(config.linger),
             config,
             metrics,
             role,
@@ -202,10 +210,18 @@ impl Collector {
     /// the fallback poll.
     pub async fn run(mut self, shutdown: CancellationToken) {
         let mut wake = Wake::new(self.pool.clone(), &[queue::RESULTS]);
+        // Whether the batch about to run waited, and whether that gathered anything.
+        let mut lingered: Option<bool> = None;
         'collect: loop {
             self.set_busy(true);
             let collected = self.run_once().await;
             self.set_busy(false);
+            self.linger.end(
+                Instant::now(),
+                lingered.is_some(),
+                lingered.unwrap_or(false),
+            );
+            lingered = None;
             if let Role::Lead(crew) = &self.role {
                 crew.unclaim();
             }
@@ -237,6 +253,18 @@ impl Collector {
                             }
                             crew.claim(named);
                         }
+                        if woken == Woken::Notified
+                            && let Some(deadline) = self.linger.begin(Instant::now())
+                        {
+                            let in_hand = named.map_or(1, <[i64]>::len);
+                            let gathered = tokio::select! {
+                                // Cancel-safe: cancellation is a flag.
+                                _ = shutdown.cancelled() => break 'collect,
+                                // Cancel-safe: what the wait took is claimed for the batch.
+                                gathered = Self::gather(crew, &mut wake, deadline, in_hand) => gathered,
+                            };
+                            lingered = Some(gathered);
+                        }
                     }
                     Role::Helper(crew) if woken == Woken::Notified && crew.lead_covers() => {
                         continue;
@@ -251,6 +279,30 @@ impl Collector {
             }
         }
         info!("collector stopped");
+    }
+
+    /// The lead's batch linger (see [`shared::linger`]): while results of
+    /// independent tasks stream in, waits until `deadline` or a full batch
+    /// for more to apply in the same transaction; whether any came. What
+    /// the notifications name is claimed for the batch, as the first's was.
+    async fn gather(crew: &Crew, wake: &mut Wake, deadline: Instant, mut in_hand: usize) -> bool {
+        let mut gathered = false;
+        while !Linger::full(in_hand) {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() || wake.wait(left).await != Woken::Notified {
+                break;
+            }
+            match wake.named() {
+                Some(named) if crew.all_taken(named) => continue,
+                Some(named) => {
+                    crew.claim(named);
+                    in_hand += named.len();
+                }
+                None => in_hand += 1,
+            }
+            gathered = true;
+        }
+        gathered
     }
 
     fn set_busy(&self, busy: bool) {

@@ -1,7 +1,7 @@
 //! The contract between Weft's orchestrator and its workers: identifiers,
 //! validated names, durable states, the versioned queue protocol, the thin
-//! pgmq client and the connection its hot loops hold, template parsing, and
-//! the one migrator.
+//! pgmq client, the connection its hot loops hold and the linger by which
+//! they batch results, template parsing, and the one migrator.
 //!
 //! Architecture invariant: this crate holds only what both sides must agree
 //! on. It never contains orchestration logic (deciding what runs) or worker
@@ -9,6 +9,7 @@
 
 pub mod conn;
 pub mod ids;
+pub mod linger;
 pub mod message;
 pub mod migrate;
 pub mod names;

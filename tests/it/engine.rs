@@ -475,3 +475,79 @@ steps:
         "b and c did not wait for slow beyond the linger: {done:?}"
     );
 }
+
+/// Seconds from the task's step being enqueued to its completion being
+/// applied, and the instant (epoch seconds) it was applied.
+async fn step_timing(pool: &sqlx::PgPool, id: shared::TaskId) -> (f64, f64) {
+    sqlx::query_as(
+        "select extract(epoch from c.at - e.at)::float8, extract(epoch from c.at)::float8
+           from weft.step_transitions c
+           join weft.step_transitions e on e.step_id = c.step_id and e.to_state = 'enqueued'
+          where c.task_id = $1 and c.to_state = 'complete'",
+    )
+    .bind(id.0)
+    .fetch_one(pool)
+    .await
+    .unwrap()
+}
+
+/// The worker's batch linger (`shared::linger`; the collector's does not
+/// act here): results of tasks created together are committed in one
+/// transaction; a result that follows alone waits the linger once, gathers
+/// nothing, and the next one goes at once.
+#[tokio::test]
+async fn a_worker_commits_a_stream_of_results_together_while_waiting_pays() {
+    let pool = support::fresh_pool().await;
+    fleet::register(
+        &pool,
+        "namespace: stream\nname: one\nversion: 1\nsteps:\n  - { name: a, handler: builtin.noop }\n",
+    )
+    .await;
+    let mut worker = fleet::worker_config("stream");
+    worker.completion_linger = Duration::ZERO;
+    worker.batch_linger = Duration::from_secs(2);
+    // One collector that applies each notification's results at once, so
+    // results committed together are applied together.
+    let mut orchestrator = fleet::orchestrator_config();
+    orchestrator.collectors = 1;
+    orchestrator.collector.linger = Duration::ZERO;
+    let fleet = Fleet::start_with(&pool, vec![orchestrator], vec![worker]);
+    let create = || fleet::create(&pool, "stream", "one", json!({}));
+    let done = |id| fleet::wait_final(&pool, id, LONG);
+
+    // The completer's first batch has no quiet spell to judge: it goes at once.
+    let first = create().await;
+    assert_eq!(done(first).await, TaskState::Complete);
+    let together = [create().await, create().await, create().await];
+    for id in together {
+        assert_eq!(done(id).await, TaskState::Complete);
+    }
+    let mut applied = Vec::new();
+    for id in together {
+        applied.push(step_timing(&pool, id).await);
+    }
+    assert!(
+        applied.iter().all(|(_, at)| *at == applied[0].1),
+        "the three results were committed, so applied, together: {applied:?}"
+    );
+    assert!(
+        applied[0].0 >= 1.9,
+        "the first waited the linger for the others: {applied:?}"
+    );
+
+    let alone = create().await;
+    assert_eq!(done(alone).await, TaskState::Complete);
+    let next = create().await;
+    assert_eq!(done(next).await, TaskState::Complete);
+    let (alone_took, _) = step_timing(&pool, alone).await;
+    let (next_took, _) = step_timing(&pool, next).await;
+    fleet.stop().await;
+    assert!(
+        alone_took >= 1.9,
+        "waiting paid last time, so a lone result waits the linger: {alone_took} s"
+    );
+    assert!(
+        next_took < 1.0,
+        "that wait gathered nothing, so the next result goes at once: {next_took} s"
+    );
+}

@@ -1102,3 +1102,113 @@ async fn a_notification_for_results_already_applied_starts_no_batch() {
     shutdown.cancel();
     running.await.unwrap();
 }
+
+/// The lead collector's batch linger (`shared::linger`), with the test
+/// sending each result in its own transaction as a worker would: results
+/// that stream in are applied in one batch; a result that follows alone
+/// waits the linger once, gathers nothing, and the next one goes at once.
+#[tokio::test]
+async fn a_collector_applies_a_stream_of_results_together_while_waiting_pays() {
+    let url = support::fresh_database().await;
+    let pool = support::pool(&url, 10).await;
+    fleet::register(
+        &pool,
+        "namespace: stream\nname: one\nversion: 1\nsteps:\n  - { name: a, handler: builtin.noop }\n",
+    )
+    .await;
+    // No worker: the test sends each step's result itself.
+    let mut sends = Vec::new();
+    for _ in 0..5 {
+        let task = fleet::create(&pool, "stream", "one", json!({})).await;
+        let step = fleet::step(&fleet::steps(&pool, task).await, "a").id;
+        let msg_id: i64 = sqlx::query_scalar("select msg_id from weft.steps where id = $1")
+            .bind(step)
+            .fetch_one(&pool)
+            .await
+            .unwrap();
+        let result = json!({ "v": 1, "task_id": task, "step_id": step, "attempt": 1, "status": "success", "output": {} });
+        sends.push((task, msg_id, result));
+    }
+    let steps_queue = QueueName::steps(&Namespace::parse("stream").unwrap());
+    // Sends one result as a worker's completion does, and returns when.
+    let send = |i: usize| {
+        let (pool, steps_queue, (_, msg_id, result)) = (&pool, &steps_queue, &sends[i]);
+        async move {
+            let sent: f64 =
+                sqlx::query_scalar("select extract(epoch from clock_timestamp())::float8")
+                    .fetch_one(pool)
+                    .await
+                    .unwrap();
+            queue::complete(
+                pool,
+                steps_queue,
+                &[*msg_id],
+                &QueueName::results(),
+                std::slice::from_ref(result),
+            )
+            .await
+            .unwrap();
+            sent
+        }
+    };
+    // When a task's step completion was applied (epoch seconds).
+    let applied = |i: usize| {
+        let (pool, task) = (&pool, sends[i].0);
+        async move {
+            assert_eq!(
+                fleet::wait_final(pool, task, Duration::from_secs(30)).await,
+                TaskState::Complete
+            );
+            sqlx::query_scalar::<_, f64>(
+                "select extract(epoch from at)::float8 from weft.step_transitions
+                  where task_id = $1 and to_state = 'complete'",
+            )
+            .bind(task.0)
+            .fetch_one(pool)
+            .await
+            .unwrap()
+        }
+    };
+
+    let mut config = notified_only();
+    config.linger = Duration::from_secs(2);
+    let collector = orchestrator::Collector::new(
+        fleet::own_pool(&pool),
+        config,
+        orchestrator::Metrics::default(),
+    );
+    let shutdown = tokio_util::sync::CancellationToken::new();
+    let running = tokio::spawn(collector.run(shutdown.clone()));
+    // The collector listens once its first batch (of nothing) is over: the
+    // results below follow it within the linger.
+    assert!(listening(&pool, 1).await, "the collector listens");
+
+    let first_sent = send(0).await;
+    send(1).await;
+    send(2).await;
+    let together = [applied(0).await, applied(1).await, applied(2).await];
+    assert!(
+        together.iter().all(|at| *at == together[0]),
+        "the three results were applied in one batch: {together:?}"
+    );
+    assert!(
+        together[0] - first_sent >= 1.9,
+        "the first waited the linger for the others: {} s",
+        together[0] - first_sent
+    );
+
+    let alone_sent = send(3).await;
+    let alone_took = applied(3).await - alone_sent;
+    let next_sent = send(4).await;
+    let next_took = applied(4).await - next_sent;
+    shutdown.cancel();
+    running.await.unwrap();
+    assert!(
+        alone_took >= 1.9,
+        "waiting paid last time, so a lone result waits the linger: {alone_took} s"
+    );
+    assert!(
+        next_took < 1.0,
+        "that wait gathered nothing, so the next result goes at once: {next_took} s"
+    );
+}

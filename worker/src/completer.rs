@@ -9,6 +9,7 @@ use std::time::Duration;
 
 use serde_json::Value;
 use shared::conn::HeldConnection;
+use shared::linger::Linger;
 use shared::queue::{self, QueueName};
 use sqlx::{Connection, PgPool};
 use tokio::sync::mpsc;
@@ -28,6 +29,7 @@ pub struct Completer {
     results: QueueName,
     batch_size: usize,
     linger: Duration,
+    batch_linger: Linger,
     in_flight: InFlight,
     state: Arc<WorkerState>,
     completions: mpsc::Receiver<Completion>,
@@ -48,6 +50,7 @@ impl Completer {
             results: QueueName::results(),
             batch_size: config.batch_size.max(1),
             linger: config.completion_linger,
+            batch_linger: Linger::new(config.batch_linger),
             in_flight,
             state,
             completions,
@@ -64,6 +67,11 @@ impl Completer {
             let mut batch = vec![first];
             self.take_waiting(&mut batch);
             self.linger_for_siblings(&mut batch, &give_up).await;
+            let waited = self.batch_linger.begin(std::time::Instant::now());
+            let gathered = match waited {
+                Some(deadline) => self.linger_for_stream(&mut batch, deadline, &give_up).await,
+                None => false,
+            };
             loop {
                 let attempt = tokio::select! {
                     // Cancel-safe: dropping an open transaction rolls it back.
@@ -74,6 +82,11 @@ impl Completer {
                 match attempt {
                     Ok(()) => {
                         backoff.reset();
+                        self.batch_linger.end(
+                            std::time::Instant::now(),
+                            waited.is_some(),
+                            gathered,
+                        );
                         break;
                     }
                     Err(e) => {
@@ -125,22 +138,53 @@ impl Completer {
             if !self.in_flight.siblings_running(self.linger, &in_hand) {
                 return;
             }
-            let received = tokio::select! {
-                // Cancel-safe: a completion not yet received stays in the channel.
-                received = tokio::time::timeout_at(deadline, self.completions.recv()) => received,
-                // Cancel-safe: cancellation is a flag. The batch is committed
-                // (or abandoned) by the caller, which watches it too.
-                () = give_up.cancelled() => return,
-            };
-            match received {
-                Ok(Some(completion)) => {
-                    batch.push(completion);
-                    self.take_waiting(batch);
-                }
-                // The linger is over, or every sender is gone.
-                Ok(None) | Err(_) => return,
+            if !self.join_next(batch, deadline, give_up).await {
+                return;
             }
         }
+    }
+
+    /// Waits for the next completion until `deadline`; it joins the batch
+    /// with whatever else is waiting. False when none came: the deadline
+    /// passed, every sender is gone, or `give_up` fired (the batch is then
+    /// committed or abandoned by the caller, which watches it too).
+    async fn join_next(
+        &mut self,
+        batch: &mut Vec<Completion>,
+        deadline: tokio::time::Instant,
+        give_up: &CancellationToken,
+    ) -> bool {
+        let received = tokio::select! {
+            // Cancel-safe: a completion not yet received stays in the channel.
+            received = tokio::time::timeout_at(deadline, self.completions.recv()) => received,
+            // Cancel-safe: cancellation is a flag.
+            () = give_up.cancelled() => return false,
+        };
+        match received {
+            Ok(Some(completion)) => {
+                batch.push(completion);
+                self.take_waiting(batch);
+                true
+            }
+            Ok(None) | Err(_) => false,
+        }
+    }
+
+    /// While results of other steps stream in (see [`shared::linger`]), waits
+    /// for more until `deadline` or a full batch; whether any came.
+    async fn linger_for_stream(
+        &mut self,
+        batch: &mut Vec<Completion>,
+        deadline: std::time::Instant,
+        give_up: &CancellationToken,
+    ) -> bool {
+        let before = batch.len();
+        let deadline = tokio::time::Instant::from_std(deadline);
+        while batch.len() < self.batch_size
+            && !Linger::full(batch.len())
+            && self.join_next(batch, deadline, give_up).await
+        {}
+        batch.len() > before
     }
 
     /// Commits one batch in one transaction. Results of withdrawn steps are

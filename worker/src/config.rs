@@ -25,6 +25,10 @@ pub struct WorkerConfig {
     /// long, so they commit together and the orchestrator applies them in
     /// one batch. Zero: never wait.
     pub completion_linger: Duration,
+    /// How long a batch of results may wait for more while results of
+    /// independent steps stream in (see [`shared::linger`]): one transaction
+    /// for several. Zero: never wait.
+    pub batch_linger: Duration,
     /// Fallback poll when no notification arrives; jittered by ±20%.
     pub poll_interval: Duration,
     /// On shutdown, how long in-flight handlers may still run.
@@ -47,6 +51,7 @@ impl WorkerConfig {
             heartbeat: lease / 3,
             batch_size: 64,
             completion_linger: Duration::from_millis(1),
+            batch_linger: shared::linger::DEFAULT,
             poll_interval: Duration::from_secs(1),
             drain_deadline: Duration::from_secs(25),
             max_deliveries: 5,
