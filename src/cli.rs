@@ -319,6 +319,7 @@ pub fn worker_config(args: &WorkerArgs) -> anyhow::Result<worker::WorkerConfig> 
     config.batch_size = args.result_batch.max(1);
     config.completion_linger = args.completion_linger;
     config.batch_linger = args.batch_linger;
+    config.read_linger = args.batch_linger;
     config.poll_interval = args.poll_interval;
     config.drain_deadline = args.drain_deadline;
     config.max_deliveries = args.max_deliveries;

@@ -181,10 +181,10 @@ pub struct WorkerArgs {
     /// same read) read within this long, to commit together (0ms: never wait).
     #[arg(long, env = "WEFT_COMPLETION_LINGER", default_value = "1ms", value_parser = duration)]
     pub completion_linger: Duration,
-    /// While results of independent steps stream in, how long a batch of
-    /// results may wait for more to send in the same transaction; a result
-    /// after a quiet spell, or whose waiting gathered nothing, goes at once
-    /// (0ms: never wait).
+    /// While steps of independent tasks stream in, how long a read waits
+    /// for more steps to take at once, and a batch of results for more to
+    /// send in the same transaction; after a quiet spell, or once waiting
+    /// gathered nothing, they go at once (0ms: never wait).
     #[arg(long, env = "WEFT_BATCH_LINGER", default_value = "10ms", value_parser = duration)]
     pub batch_linger: Duration,
     /// Fallback poll interval when no notification arrives (jittered).

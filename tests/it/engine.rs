@@ -491,6 +491,59 @@ async fn step_timing(pool: &sqlx::PgPool, id: shared::TaskId) -> (f64, f64) {
     .unwrap()
 }
 
+/// The reader's batch linger (`shared::linger`): the steps of tasks created
+/// one after another, moments after a read, are taken by one read that
+/// waited the linger for them.
+#[tokio::test]
+async fn a_worker_reads_a_stream_of_steps_together() {
+    let pool = support::fresh_pool().await;
+    fleet::register(
+        &pool,
+        "namespace: reads\nname: one\nversion: 1\nsteps:\n  - { name: a, handler: builtin.noop }\n",
+    )
+    .await;
+    let mut worker = fleet::worker_config("reads");
+    worker.read_linger = Duration::from_secs(2);
+    worker.batch_linger = Duration::ZERO;
+    worker.completion_linger = Duration::ZERO;
+    let fleet = Fleet::start_with(&pool, vec![fleet::orchestrator_config()], vec![worker]);
+    // The reader's first read (of nothing) is over once it listens: the
+    // steps below follow it within the linger.
+    let listening = support::wait_until(Duration::from_secs(10), || async {
+        sqlx::query_scalar::<_, i64>(
+            "select count(*) from pg_stat_activity where query like 'LISTEN%weft_steps_reads%'",
+        )
+        .fetch_one(&pool)
+        .await
+        .unwrap()
+            == 1
+    })
+    .await;
+    assert!(listening, "the reader listens");
+    let tasks = [
+        fleet::create(&pool, "reads", "one", json!({})).await,
+        fleet::create(&pool, "reads", "one", json!({})).await,
+        fleet::create(&pool, "reads", "one", json!({})).await,
+    ];
+    for id in tasks {
+        assert_eq!(
+            fleet::wait_final(&pool, id, LONG).await,
+            TaskState::Complete
+        );
+    }
+    fleet.stop().await;
+    let mut waited = Vec::new();
+    for id in tasks {
+        waited.push(step_timing(&pool, id).await.0);
+    }
+    // Read apart, the second and third would have been read (and applied)
+    // at once, before the first's linger ended.
+    assert!(
+        waited.iter().all(|w| *w >= 1.5),
+        "the three steps were read together, once the first's linger was over: {waited:?}"
+    );
+}
+
 /// The worker's batch linger (`shared::linger`; the collector's does not
 /// act here): results of tasks created together are committed in one
 /// transaction; a result that follows alone waits the linger once, gathers
@@ -505,6 +558,7 @@ async fn a_worker_commits_a_stream_of_results_together_while_waiting_pays() {
     .await;
     let mut worker = fleet::worker_config("stream");
     worker.completion_linger = Duration::ZERO;
+    worker.read_linger = Duration::ZERO;
     worker.batch_linger = Duration::from_secs(2);
     // One collector that applies each notification's results at once, so
     // results committed together are applied together.

@@ -25,10 +25,13 @@ pub struct WorkerConfig {
     /// long, so they commit together and the orchestrator applies them in
     /// one batch. Zero: never wait.
     pub completion_linger: Duration,
-    /// How long a batch of results may wait for more while results of
-    /// independent steps stream in (see [`shared::linger`]): one transaction
-    /// for several. Zero: never wait.
+    /// While results of independent steps stream in (see
+    /// [`shared::linger`]), how long a batch of results waits for more to
+    /// send in the same transaction. Zero: never wait.
     pub batch_linger: Duration,
+    /// Likewise, how long a notified read waits for more steps to take at
+    /// once. Zero: never wait.
+    pub read_linger: Duration,
     /// Fallback poll when no notification arrives; jittered by ±20%.
     pub poll_interval: Duration,
     /// On shutdown, how long in-flight handlers may still run.
@@ -52,6 +55,7 @@ impl WorkerConfig {
             batch_size: 64,
             completion_linger: Duration::from_millis(1),
             batch_linger: shared::linger::DEFAULT,
+            read_linger: shared::linger::DEFAULT,
             poll_interval: Duration::from_secs(1),
             drain_deadline: Duration::from_secs(25),
             max_deliveries: 5,

@@ -1,12 +1,14 @@
 //! The `Reader`: claims step messages from the namespace's queue, never more
 //! than there are free slots, and hands each one (with its slot) to the
 //! dispatcher. It wakes on NOTIFY or a jittered fallback poll, and reads
-//! again at once while reads come back full.
+//! again at once while reads come back full; while steps stream in, a
+//! notified read lingers for more (`shared::linger`).
 
 use std::sync::Arc;
 use std::time::Duration;
 
 use shared::conn::HeldConnection;
+use shared::linger::Linger;
 use shared::queue::{self, QueueName};
 use sqlx::PgPool;
 use tokio::sync::{Semaphore, mpsc};
@@ -44,6 +46,7 @@ pub struct Reader {
     lease_secs: i32,
     poll_interval: Duration,
     slots: Arc<Semaphore>,
+    linger: Linger,
     deliveries: mpsc::Sender<Delivery>,
     state: Arc<WorkerState>,
 }
@@ -62,6 +65,7 @@ impl Reader {
             lease_secs: config.lease_secs(),
             poll_interval: config.poll_interval,
             slots: state.slots(),
+            linger: Linger::new(config.read_linger),
             deliveries,
             state,
         }
@@ -73,6 +77,8 @@ impl Reader {
         let mut wake = Wake::new(self.pool.clone(), self.queue.channel());
         let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(10));
         info!(queue = %self.queue, "reading steps");
+        // Whether the read about to run waited, and whether that gathered anything.
+        let mut lingered: Option<bool> = None;
         loop {
             // Reading with no free slot would only take messages we cannot run.
             tokio::select! {
@@ -82,7 +88,14 @@ impl Reader {
                 // reader takes permits, so a free one stays free until read.
                 permit = self.slots.acquire() => drop(permit),
             }
-            let delay = match self.run_once().await {
+            let outcome = self.run_once().await;
+            self.linger.end(
+                std::time::Instant::now(),
+                lingered.is_some(),
+                lingered.unwrap_or(false),
+            );
+            lingered = None;
+            let delay = match outcome {
                 Ok(read) if read.full() => {
                     backoff.reset();
                     continue;
@@ -103,19 +116,54 @@ impl Reader {
             // for a notification or the fallback poll.
             let pause = async {
                 match delay {
-                    Some(delay) => tokio::time::sleep(delay).await,
+                    Some(delay) => {
+                        tokio::time::sleep(delay).await;
+                        0
+                    }
                     None => wake.wait(jittered(self.poll_interval)).await,
                 }
             };
-            tokio::select! {
+            let notified = tokio::select! {
                 // Cancel-safe: cancellation is a flag.
                 () = shutdown.cancelled() => break,
                 // Cancel-safe: a sleep holds nothing, and notifications stay
                 // buffered in the listener.
-                () = pause => {}
+                notified = pause => notified,
+            };
+            // While steps of independent tasks stream in, one read for several.
+            if notified > 0
+                && let Some(deadline) = self.linger.begin(std::time::Instant::now())
+            {
+                tokio::select! {
+                    // Cancel-safe: cancellation is a flag.
+                    () = shutdown.cancelled() => break,
+                    // Cancel-safe: as above.
+                    gathered = Self::gather(&mut wake, deadline, notified) => lingered = Some(gathered),
+                }
             }
         }
         info!("reader stopped");
+    }
+
+    /// The batch linger (see [`shared::linger`]): waits until `deadline`, or
+    /// until notifications of [`shared::linger::FILL`] enqueues are in
+    /// hand, for more steps to take in the same read; whether any came.
+    async fn gather(wake: &mut Wake, deadline: std::time::Instant, mut in_hand: usize) -> bool {
+        let mut gathered = false;
+        while !Linger::full(in_hand) {
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            if left.is_zero() {
+                break;
+            }
+            match wake.wait(left).await {
+                0 => break,
+                taken => {
+                    in_hand += taken;
+                    gathered = true;
+                }
+            }
+        }
+        gathered
     }
 
     /// Takes the free slots (up to 32) without waiting, reads that

@@ -35,20 +35,25 @@ impl Wake {
     }
 
     /// Returns when a notification arrives or `timeout` passes, whichever is
-    /// first. Cancel-safe: a notification not yet taken stays buffered in
-    /// the listener, so dropping this future loses nothing.
-    pub async fn wait(&mut self, timeout: Duration) {
+    /// first, with the number of notifications taken (a burst is taken at
+    /// once; zero after a timeout or a lost connection). Cancel-safe: a
+    /// notification not yet taken stays buffered in the listener, so
+    /// dropping this future loses nothing.
+    pub async fn wait(&mut self, timeout: Duration) -> usize {
         if self.listener.is_none() && Instant::now() >= self.retry_at {
             self.connect().await;
         }
         let Some(listener) = self.listener.as_mut() else {
             tokio::time::sleep(timeout).await;
-            return;
+            return 0;
         };
         match tokio::time::timeout(timeout, listener.try_recv()).await {
             Ok(Ok(Some(_))) => {
-                // Coalesce a burst of notifications into one wake-up.
-                while listener.next_buffered().is_some() {}
+                let mut taken = 1;
+                while listener.next_buffered().is_some() {
+                    taken += 1;
+                }
+                return taken;
             }
             // The connection dropped and notifications may be lost: wake up
             // and read; the listener reconnects and re-LISTENs on its next use.
@@ -60,6 +65,7 @@ impl Wake {
             }
             Err(_elapsed) => {}
         }
+        0
     }
 
     async fn connect(&mut self) {
