@@ -544,6 +544,40 @@ async fn a_worker_reads_a_stream_of_steps_together() {
     );
 }
 
+/// A read never waits for more steps than its free slots can take: a
+/// worker with one slot reads a stream of steps one at a time, at once.
+#[tokio::test]
+async fn a_worker_with_one_slot_reads_a_stream_without_waiting() {
+    let pool = support::fresh_pool().await;
+    fleet::register(
+        &pool,
+        "namespace: single\nname: one\nversion: 1\nsteps:\n  - { name: a, handler: builtin.noop }\n",
+    )
+    .await;
+    let mut worker = fleet::worker_config("single");
+    worker.concurrency = 1;
+    worker.read_linger = Duration::from_secs(2);
+    worker.batch_linger = Duration::ZERO;
+    let fleet = Fleet::start_with(&pool, vec![fleet::orchestrator_config()], vec![worker]);
+    let mut tasks = Vec::new();
+    for _ in 0..5 {
+        tasks.push(fleet::create(&pool, "single", "one", json!({})).await);
+    }
+    let mut waited = Vec::new();
+    for id in tasks {
+        assert_eq!(
+            fleet::wait_final(&pool, id, LONG).await,
+            TaskState::Complete
+        );
+        waited.push(step_timing(&pool, id).await.0);
+    }
+    fleet.stop().await;
+    assert!(
+        waited.iter().all(|w| *w < 1.0),
+        "no read waited the linger: {waited:?}"
+    );
+}
+
 /// The worker's batch linger (`shared::linger`; the collector's does not
 /// act here): results of tasks created together are committed in one
 /// transaction; a result that follows alone waits the linger once, gathers

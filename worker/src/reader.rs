@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use shared::conn::HeldConnection;
-use shared::linger::Linger;
+use shared::linger::{self, Linger};
 use shared::queue::{self, QueueName};
 use sqlx::PgPool;
 use tokio::sync::{Semaphore, mpsc};
@@ -130,15 +130,22 @@ impl Reader {
                 // buffered in the listener.
                 notified = pause => notified,
             };
-            // While steps of independent tasks stream in, one read for several.
+            // While steps of independent tasks stream in, one read for
+            // several: as many as the free slots can take, at most.
+            let enough = self
+                .slots
+                .available_permits()
+                .min(MAX_READ)
+                .min(linger::FILL);
             if notified > 0
+                && notified < enough
                 && let Some(deadline) = self.linger.begin(std::time::Instant::now())
             {
                 tokio::select! {
                     // Cancel-safe: cancellation is a flag.
                     () = shutdown.cancelled() => break,
                     // Cancel-safe: as above.
-                    gathered = Self::gather(&mut wake, deadline, notified) => lingered = Some(gathered),
+                    gathered = Self::gather(&mut wake, deadline, notified, enough) => lingered = Some(gathered),
                 }
             }
         }
@@ -146,11 +153,16 @@ impl Reader {
     }
 
     /// The batch linger (see [`shared::linger`]): waits until `deadline`, or
-    /// until notifications of [`shared::linger::FILL`] enqueues are in
-    /// hand, for more steps to take in the same read; whether any came.
-    async fn gather(wake: &mut Wake, deadline: std::time::Instant, mut in_hand: usize) -> bool {
+    /// until notifications of `enough` enqueues are in hand, for more steps
+    /// to take in the same read; whether any came.
+    async fn gather(
+        wake: &mut Wake,
+        deadline: std::time::Instant,
+        mut in_hand: usize,
+        enough: usize,
+    ) -> bool {
         let mut gathered = false;
-        while !Linger::full(in_hand) {
+        while in_hand < enough {
             let left = deadline.saturating_duration_since(std::time::Instant::now());
             if left.is_zero() {
                 break;
