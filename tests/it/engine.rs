@@ -476,6 +476,17 @@ steps:
     );
 }
 
+/// A fresh database with the one-step template `one` in `namespace`.
+async fn one_step_template(namespace: &str) -> sqlx::PgPool {
+    let pool = support::fresh_pool().await;
+    fleet::register(
+        &pool,
+        &format!("namespace: {namespace}\nname: one\nversion: 1\nsteps:\n  - {{ name: a, handler: builtin.noop }}\n"),
+    )
+    .await;
+    pool
+}
+
 /// Seconds from the task's step being enqueued to its completion being
 /// applied, and the instant (epoch seconds) it was applied.
 async fn step_timing(pool: &sqlx::PgPool, id: shared::TaskId) -> (f64, f64) {
@@ -496,12 +507,7 @@ async fn step_timing(pool: &sqlx::PgPool, id: shared::TaskId) -> (f64, f64) {
 /// waited the linger for them.
 #[tokio::test]
 async fn a_worker_reads_a_stream_of_steps_together() {
-    let pool = support::fresh_pool().await;
-    fleet::register(
-        &pool,
-        "namespace: reads\nname: one\nversion: 1\nsteps:\n  - { name: a, handler: builtin.noop }\n",
-    )
-    .await;
+    let pool = one_step_template("reads").await;
     let mut worker = fleet::worker_config("reads");
     worker.read_linger = Duration::from_secs(2);
     worker.batch_linger = Duration::ZERO;
@@ -548,12 +554,7 @@ async fn a_worker_reads_a_stream_of_steps_together() {
 /// worker with one slot reads a stream of steps one at a time, at once.
 #[tokio::test]
 async fn a_worker_with_one_slot_reads_a_stream_without_waiting() {
-    let pool = support::fresh_pool().await;
-    fleet::register(
-        &pool,
-        "namespace: single\nname: one\nversion: 1\nsteps:\n  - { name: a, handler: builtin.noop }\n",
-    )
-    .await;
+    let pool = one_step_template("single").await;
     let mut worker = fleet::worker_config("single");
     worker.concurrency = 1;
     worker.read_linger = Duration::from_secs(2);
@@ -584,12 +585,7 @@ async fn a_worker_with_one_slot_reads_a_stream_without_waiting() {
 /// nothing, and the next one goes at once.
 #[tokio::test]
 async fn a_worker_commits_a_stream_of_results_together_while_waiting_pays() {
-    let pool = support::fresh_pool().await;
-    fleet::register(
-        &pool,
-        "namespace: stream\nname: one\nversion: 1\nsteps:\n  - { name: a, handler: builtin.noop }\n",
-    )
-    .await;
+    let pool = one_step_template("stream").await;
     let mut worker = fleet::worker_config("stream");
     worker.completion_linger = Duration::ZERO;
     worker.read_linger = Duration::ZERO;
