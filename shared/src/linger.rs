@@ -1,22 +1,24 @@
-//! The batch linger: whether the first result of a batch waits for others
-//! to share its transaction, and for how long. Both hot loops that commit
-//! results (a worker's completer, an orchestrator's collector) use it.
+//! The batch linger: whether the first message of a batch (a step to read,
+//! a result to send or apply) waits for others to share its statement, and
+//! for how long. The hot loops on both sides of the queue protocol use it:
+//! a worker's reader and completer, an orchestrator's lead collector.
 //!
 //! A transaction's cost is mostly fixed (statement start-up, locks, the
 //! commit's WAL flush, a notification and the wake-ups it causes), so when
-//! results of independent tasks stream in, a few milliseconds of waiting
-//! turns a transaction per result into one per several, and the CPU saved
-//! goes to the work itself. Waiting is worth it only when companions come:
+//! steps and results of independent tasks stream in, a few milliseconds of
+//! waiting turns a transaction per message into one per several, and the
+//! CPU saved goes to the work itself. Waiting is worth it only when
+//! companions come:
 //! - after a quiet spell longer than the linger, the batch goes at once
-//!   (sparse traffic: nothing would join, and a lone result is not delayed);
+//!   (sparse traffic: nothing would join, and a lone message is not delayed);
 //! - it waits while waiting pays: the last wait gathered something;
-//! - a wait that gathered nothing (the results follow one another, such as
-//!   the hops of one chain, each waiting for the last to be applied) stops
-//!   the waiting, which is tried again only after [`PROBE_EVERY_LINGERS`]
-//!   lingers' time, at least [`MIN_PROBE_INTERVAL`]: such a chain pays the
-//!   linger on one hop in a hundred at most.
+//! - a wait that gathered nothing (messages that follow one another, such
+//!   as the hops of one chain, each waiting for the last to be applied)
+//!   stops the waiting, which is tried again only after
+//!   [`PROBE_EVERY_LINGERS`] lingers' time, at least [`MIN_PROBE_INTERVAL`]:
+//!   such a chain pays the linger on one hop in a hundred at most.
 //!
-//! A wait also ends as soon as [`FILL`] results are in hand: under heavy
+//! A wait also ends as soon as [`FILL`] messages are in hand: under heavy
 //! load a batch fills in far less than the linger.
 
 use std::time::{Duration, Instant};
@@ -24,7 +26,7 @@ use std::time::{Duration, Instant};
 /// The linger both sides use unless configured (`WEFT_BATCH_LINGER`).
 pub const DEFAULT: Duration = Duration::from_millis(10);
 
-/// Results in hand that end a wait early: a transaction of this many
+/// Messages in hand that end a wait early: a transaction of this many
 /// already spreads its fixed cost thin.
 pub const FILL: usize = 16;
 
@@ -57,7 +59,7 @@ impl Linger {
         }
     }
 
-    /// A batch's first result is in hand at `now`: until when to wait for
+    /// A batch's first message is in hand at `now`: until when to wait for
     /// more, or `None` to go at once.
     pub fn begin(&mut self, now: Instant) -> Option<Instant> {
         if self.max.is_zero() {
@@ -86,7 +88,7 @@ impl Linger {
         }
     }
 
-    /// Whether `in_hand` results end a wait.
+    /// Whether `in_hand` messages end a wait.
     pub fn full(in_hand: usize) -> bool {
         in_hand >= FILL
     }
