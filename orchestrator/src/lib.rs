@@ -23,10 +23,11 @@ pub mod wake;
 
 use std::net::SocketAddr;
 
+use axum::serve::ListenerExt;
 use sqlx::PgPool;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
-use tracing::info;
+use tracing::{info, warn};
 
 pub use api::{Auth, Scope, Token};
 pub use collector::{Collector, CollectorConfig};
@@ -178,6 +179,13 @@ pub async fn run(
             };
             let app = api::router(state, &config.auth);
             let graceful = stop.clone();
+            // Each answer goes out at once: with Nagle's algorithm a response
+            // written in pieces may wait for the client's delayed ACK.
+            let listener = listener.tap_io(|tcp| {
+                if let Err(e) = tcp.set_nodelay(true) {
+                    warn!(error = %e, "cannot set TCP_NODELAY on an API connection");
+                }
+            });
             axum::serve(listener, app)
                 .with_graceful_shutdown(async move { graceful.cancelled().await })
                 .await
