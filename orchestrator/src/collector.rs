@@ -216,12 +216,7 @@ impl Collector {
             self.set_busy(true);
             let collected = self.run_once().await;
             self.set_busy(false);
-            self.linger.end(
-                Instant::now(),
-                lingered.is_some(),
-                lingered.unwrap_or(false),
-            );
-            lingered = None;
+            self.linger.end(Instant::now(), lingered.take());
             if let Role::Lead(crew) = &self.role {
                 crew.unclaim();
             }

@@ -79,11 +79,11 @@ impl Linger {
         Some(now + self.max)
     }
 
-    /// The batch's transaction ended at `now`; `gathered` says whether its
-    /// wait (if it waited) brought anything.
-    pub fn end(&mut self, now: Instant, waited: bool, gathered: bool) {
+    /// The batch's transaction ended at `now`; `waited` is what its wait
+    /// gathered: `None` when it did not wait, else whether anything came.
+    pub fn end(&mut self, now: Instant, waited: Option<bool>) {
         self.last_end = Some(now);
-        if waited {
+        if let Some(gathered) = waited {
             self.paying = gathered;
         }
     }
@@ -108,7 +108,7 @@ mod tests {
     fn a_zero_linger_never_waits() {
         let mut linger = Linger::new(Duration::ZERO);
         let t = Instant::now();
-        linger.end(t, false, false);
+        linger.end(t, None);
         assert_eq!(linger.begin(t + ms(1)), None);
     }
 
@@ -117,7 +117,7 @@ mod tests {
         let mut linger = Linger::new(MAX);
         let t = Instant::now();
         assert_eq!(linger.begin(t), None, "nothing known yet");
-        linger.end(t, false, false);
+        linger.end(t, None);
         assert_eq!(
             linger.begin(t + ms(11)),
             None,
@@ -129,14 +129,14 @@ mod tests {
     fn a_stream_waits_while_waiting_gathers_something() {
         let mut linger = Linger::new(MAX);
         let t = Instant::now();
-        linger.end(t, false, false);
+        linger.end(t, None);
         let first = t + ms(2);
         assert_eq!(linger.begin(first), Some(first + MAX), "a probe");
-        linger.end(first + ms(11), true, true);
+        linger.end(first + ms(11), Some(true));
         for i in 1..50u64 {
             let now = first + ms(13 * i);
             assert_eq!(linger.begin(now), Some(now + MAX), "wait {i} pays");
-            linger.end(now + ms(11), true, true);
+            linger.end(now + ms(11), Some(true));
         }
     }
 
@@ -144,10 +144,10 @@ mod tests {
     fn a_wait_that_gathers_nothing_stops_the_waiting_until_the_next_probe() {
         let mut linger = Linger::new(MAX);
         let t = Instant::now();
-        linger.end(t, false, false);
+        linger.end(t, None);
         let probe = t + ms(2);
         assert!(linger.begin(probe).is_some());
-        linger.end(probe + ms(11), true, false);
+        linger.end(probe + ms(11), Some(false));
         // A chain: each hop follows the last within the linger.
         let mut now = probe + ms(13);
         while now < probe + ms(999) {
@@ -157,13 +157,13 @@ mod tests {
                 "no wait {:?} after the probe",
                 now - probe
             );
-            linger.end(now + ms(1), false, false);
+            linger.end(now + ms(1), None);
             now += ms(3);
         }
         let next = probe + MIN_PROBE_INTERVAL;
-        linger.end(next - ms(1), false, false);
+        linger.end(next - ms(1), None);
         assert_eq!(linger.begin(next), Some(next + MAX), "the next probe");
-        linger.end(next + ms(11), true, true);
+        linger.end(next + ms(11), Some(true));
         assert!(linger.begin(next + ms(12)).is_some(), "that one paid");
     }
 
@@ -172,14 +172,14 @@ mod tests {
         let max = Duration::from_secs(2);
         let mut linger = Linger::new(max);
         let t = Instant::now();
-        linger.end(t, false, false);
+        linger.end(t, None);
         assert!(linger.begin(t).is_some());
-        linger.end(t + max, true, false);
+        linger.end(t + max, Some(false));
         let before = t + max * 99;
-        linger.end(before - ms(1), false, false);
+        linger.end(before - ms(1), None);
         assert_eq!(linger.begin(before), None);
         let after = t + max * 100;
-        linger.end(after - ms(1), false, false);
+        linger.end(after - ms(1), None);
         assert!(linger.begin(after).is_some());
     }
 

@@ -67,10 +67,11 @@ impl Completer {
             let mut batch = vec![first];
             self.take_waiting(&mut batch);
             self.linger_for_siblings(&mut batch, &give_up).await;
-            let waited = self.batch_linger.begin(std::time::Instant::now());
-            let gathered = match waited {
-                Some(deadline) => self.linger_for_stream(&mut batch, deadline, &give_up).await,
-                None => false,
+            let waited = match self.batch_linger.begin(std::time::Instant::now()) {
+                Some(deadline) => {
+                    Some(self.linger_for_stream(&mut batch, deadline, &give_up).await)
+                }
+                None => None,
             };
             loop {
                 let attempt = tokio::select! {
@@ -82,11 +83,7 @@ impl Completer {
                 match attempt {
                     Ok(()) => {
                         backoff.reset();
-                        self.batch_linger.end(
-                            std::time::Instant::now(),
-                            waited.is_some(),
-                            gathered,
-                        );
+                        self.batch_linger.end(std::time::Instant::now(), waited);
                         break;
                     }
                     Err(e) => {

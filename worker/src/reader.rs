@@ -89,12 +89,7 @@ impl Reader {
                 permit = self.slots.acquire() => drop(permit),
             }
             let outcome = self.run_once().await;
-            self.linger.end(
-                std::time::Instant::now(),
-                lingered.is_some(),
-                lingered.unwrap_or(false),
-            );
-            lingered = None;
+            self.linger.end(std::time::Instant::now(), lingered.take());
             let delay = match outcome {
                 Ok(read) if read.full() => {
                     backoff.reset();
