@@ -11,6 +11,7 @@
 
 pub mod api;
 pub mod collector;
+pub mod lender;
 pub mod metrics;
 pub mod monitor;
 pub mod operator;
@@ -172,8 +173,11 @@ pub async fn run(
             if let Ok(addr) = listener.local_addr() {
                 info!(http.addr = %addr, "orchestrator API listening");
             }
+            let db = lender::Lender::new(pool.clone());
+            tracker.spawn(db.clone().sweep(stop.clone()));
             let state = api::AppState {
                 pool: pool.clone(),
+                db,
                 metrics: metrics.clone(),
                 templates: Default::default(),
             };

@@ -5,7 +5,7 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
 use serde_json::Value;
-use sqlx::PgPool;
+use sqlx::{Connection, PgConnection, PgPool};
 
 use shared::TaskId;
 use shared::template::Template;
@@ -96,13 +96,26 @@ pub async fn create_tasks(
     templates: &TemplateCache,
     requests: &[CreateTask],
 ) -> Result<Vec<Created>, StoreError> {
-    Ok(create(pool, templates, requests, false).await?.0)
+    // One connection for every statement: a pooled acquire and release
+    // each cost a round trip (sqlx checks the connection).
+    let mut conn = pool.acquire().await?;
+    create_tasks_on(&mut conn, templates, requests).await
 }
 
-/// As [`create_tasks`]; with `view`, a task created by the one-statement
+/// As [`create_tasks`], on a connection the caller holds (idle, with no
+/// transaction open; it is left so).
+pub async fn create_tasks_on(
+    conn: &mut PgConnection,
+    templates: &TemplateCache,
+    requests: &[CreateTask],
+) -> Result<Vec<Created>, StoreError> {
+    Ok(create(conn, templates, requests, false).await?.0)
+}
+
+/// As [`create_tasks_on`]; with `view`, a task created by the one-statement
 /// path also comes back as the API shows it, read in the same statement.
 async fn create(
-    pool: &PgPool,
+    conn: &mut PgConnection,
     templates: &TemplateCache,
     requests: &[CreateTask],
     view: bool,
@@ -114,14 +127,11 @@ async fn create(
     if let [group] = groups.as_slice()
         && group.iter().all(|r| r.idempotency_key_hash.is_none())
     {
-        // One connection for every statement: a pooled acquire and release
-        // each cost a round trip (sqlx checks the connection).
-        let mut conn = pool.acquire().await?;
-        let (new_tasks, created) = create_group(&mut conn, templates, group, view).await?;
+        let (new_tasks, created) = create_group(conn, templates, group, view).await?;
         let ids = new_tasks.iter().map(|t| Created::New(t.id)).collect();
         return Ok((ids, created.view));
     }
-    let mut tx = pool.begin().await?;
+    let mut tx = conn.begin().await?;
     let mut out = Vec::with_capacity(requests.len());
     for group in groups {
         let first = &group[0];
@@ -237,7 +247,8 @@ pub async fn create_task(
     templates: &TemplateCache,
     request: CreateTask,
 ) -> Result<Created, StoreError> {
-    let (created, _) = create(pool, templates, std::slice::from_ref(&request), false).await?;
+    let mut conn = pool.acquire().await?;
+    let (created, _) = create(&mut conn, templates, std::slice::from_ref(&request), false).await?;
     created
         .into_iter()
         .next()
@@ -248,11 +259,11 @@ pub async fn create_task(
 /// its view (as `GET /v1/tasks/{id}` shows it) from the creating statement,
 /// otherwise the view is `None` and the caller reads it.
 pub async fn create_task_viewed(
-    pool: &PgPool,
+    conn: &mut PgConnection,
     templates: &TemplateCache,
     request: CreateTask,
 ) -> Result<(Created, Option<store::TaskView>), StoreError> {
-    let (created, view) = create(pool, templates, std::slice::from_ref(&request), true).await?;
+    let (created, view) = create(conn, templates, std::slice::from_ref(&request), true).await?;
     let created = created
         .into_iter()
         .next()

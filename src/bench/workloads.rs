@@ -164,10 +164,8 @@ pub async fn w1(ctx: &Ctx<'_>) -> anyhow::Result<Measured> {
         let mut workers_at = first_submit;
         if streaming {
             let start = Instant::now();
-            for i in 0..n {
-                let t = Instant::now();
-                fleet.create("one", json!({ "i": i })).await?;
-                out.sample(&format!("{key}_submit"), ms(t.elapsed()));
+            for took in fleet.stream("one", n).await? {
+                out.sample(&format!("{key}_submit"), ms(took));
             }
             out.figure(
                 &format!("{key}_submit_per_s"),

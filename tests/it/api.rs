@@ -1309,3 +1309,71 @@ async fn snapshots_of_the_json_shapes() {
     );
     s.stop().await;
 }
+
+/// The task routes' connections (`orchestrator::lender`): a settled loan goes
+/// back on the shelf and is lent again as it is, an unsettled one (an error,
+/// a cancelled request) goes back to the pool through sqlx's check; the shelf
+/// keeps at most `KEEP`, none while the pool has none to spare, and its
+/// sweeper returns what sat there `IDLE_MAX`, and everything when stopped.
+#[tokio::test]
+async fn the_api_lends_settled_connections_again_and_never_hoards_them() {
+    use orchestrator::lender::Lender;
+    let url = support::fresh_database().await;
+    let pool = support::pool(&url, 8).await;
+    let lender = Lender::new(pool.clone());
+    let backend = "select pg_backend_pid()";
+
+    let mut first = lender.lend().await.unwrap();
+    let pid: i32 = sqlx::query_scalar(backend)
+        .fetch_one(&mut *first)
+        .await
+        .unwrap();
+    first.settle();
+    assert_eq!(lender.shelved(), 1);
+    let mut second = lender.lend().await.unwrap();
+    assert_eq!(lender.shelved(), 0);
+    let again: i32 = sqlx::query_scalar(backend)
+        .fetch_one(&mut *second)
+        .await
+        .unwrap();
+    assert_eq!(again, pid, "the settled connection is lent again");
+    drop(second);
+    assert_eq!(lender.shelved(), 0, "an unsettled loan is not shelved");
+
+    let mut loans = Vec::new();
+    for _ in 0..Lender::KEEP + 2 {
+        loans.push(lender.lend().await.unwrap());
+    }
+    for loan in loans {
+        loan.settle();
+    }
+    assert_eq!(lender.shelved(), Lender::KEEP);
+
+    let stop = CancellationToken::new();
+    let sweeper = tokio::spawn(lender.clone().sweep(stop.clone()));
+    let swept = support::wait_until(Duration::from_secs(10), || async { lender.shelved() == 0 });
+    assert!(
+        swept.await,
+        "the sweeper returns idle connections to the pool"
+    );
+    lender.lend().await.unwrap().settle();
+    assert_eq!(lender.shelved(), 1);
+    stop.cancel();
+    sweeper.await.unwrap();
+    assert_eq!(
+        lender.shelved(),
+        0,
+        "a stopped sweeper leaves nothing shelved"
+    );
+
+    // A pool with no connection to spare gets a settled one back at once:
+    // someone may be waiting for it.
+    let small = support::pool(&url, 2).await;
+    let lender = Lender::new(small.clone());
+    let (first, _second) = (lender.lend().await.unwrap(), lender.lend().await.unwrap());
+    let waiter = tokio::spawn(async move { small.acquire().await.map(|_| ()) });
+    first.settle();
+    assert_eq!(lender.shelved(), 0);
+    let waited = tokio::time::timeout(Duration::from_secs(10), waiter).await;
+    assert!(matches!(waited, Ok(Ok(Ok(())))), "{waited:?}");
+}

@@ -47,6 +47,8 @@ use crate::metrics::Metrics;
 #[derive(Clone)]
 pub struct AppState {
     pub pool: PgPool,
+    /// The task routes' connections (see [`crate::lender`]).
+    pub db: crate::lender::Lender,
     pub metrics: Metrics,
     /// Templates read by task creation (see [`crate::tasks::TemplateCache`]).
     pub templates: std::sync::Arc<crate::tasks::TemplateCache>,

@@ -17,7 +17,7 @@ use super::error::{ApiError, from_object, invalid, malformed, parse_object, stor
 use super::extract::{Body, PathParams, QueryParams, page_limit};
 use super::views::{Task, TaskSummary, task_body, task_id};
 use super::{AppState, TaskStateSchema};
-use crate::store;
+use crate::store::{self, StoreError};
 use crate::tasks::{self, CreateTask, Created};
 
 /// Largest number of tasks per batch call.
@@ -176,15 +176,17 @@ pub async fn create_task(
     let request = parse_object::<CreateTaskBody>(&body)?
         .check()?
         .into_request();
-    let (created, view) = tasks::create_task_viewed(&state.pool, &state.templates, request).await?;
+    let mut db = state.db.lend().await.map_err(StoreError::from)?;
+    let (created, view) = tasks::create_task_viewed(&mut db, &state.templates, request).await?;
     let status = match created {
         Created::New(_) => StatusCode::CREATED,
         Created::Existing(_) => StatusCode::OK,
     };
     let body = match view {
         Some(view) => Task::from(view),
-        None => task_body(&state.pool, created.id()).await?,
+        None => task_body(&mut *db, created.id()).await?,
     };
+    db.settle();
     Ok((status, Json(body)).into_response())
 }
 
@@ -243,7 +245,9 @@ pub async fn create_task_batch(
             .map_err(|e| e.within(&format!("tasks[{i}]")))?;
         requests.push(parsed.into_request());
     }
-    let created = tasks::create_tasks(&state.pool, &state.templates, &requests).await?;
+    let mut db = state.db.lend().await.map_err(StoreError::from)?;
+    let created = tasks::create_tasks_on(&mut db, &state.templates, &requests).await?;
+    db.settle();
     let items = created
         .iter()
         .map(|c| BatchItem {
@@ -271,7 +275,11 @@ pub async fn get_task(
     State(state): State<AppState>,
     PathParams(id): PathParams<String>,
 ) -> Result<Json<Task>, ApiError> {
-    Ok(Json(task_body(&state.pool, task_id(&id)?).await?))
+    let id = task_id(&id)?;
+    let mut db = state.db.lend().await.map_err(StoreError::from)?;
+    let body = task_body(&mut *db, id).await?;
+    db.settle();
+    Ok(Json(body))
 }
 
 #[derive(Debug, Deserialize, IntoParams)]
@@ -373,7 +381,9 @@ pub async fn list_tasks(
         after,
         limit: limit + 1,
     };
-    let mut rows = store::list_tasks(&state.pool, &filter).await?;
+    let mut db = state.db.lend().await.map_err(StoreError::from)?;
+    let mut rows = store::list_tasks(&mut *db, &filter).await?;
+    db.settle();
     let next_cursor = if rows.len() as i64 > limit {
         rows.truncate(limit as usize);
         rows.last().map(encode_cursor)

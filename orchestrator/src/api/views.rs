@@ -4,7 +4,7 @@
 use chrono::{DateTime, Utc};
 use serde::Serialize;
 use serde_json::Value;
-use sqlx::PgPool;
+use sqlx::PgExecutor;
 use utoipa::ToSchema;
 use uuid::Uuid;
 
@@ -134,8 +134,8 @@ impl From<store::StepRow> for Step {
 }
 
 /// A task with its steps, as every task read returns it.
-pub async fn task_body(pool: &PgPool, id: TaskId) -> Result<Task, ApiError> {
-    store::task_view(pool, id)
+pub async fn task_body(executor: impl PgExecutor<'_>, id: TaskId) -> Result<Task, ApiError> {
+    store::task_view(executor, id)
         .await?
         .map(Task::from)
         .ok_or_else(|| ApiError::NotFound(format!("task {id} not found")))
