@@ -19,7 +19,7 @@ use shared::queue::{self, QueueMessage, QueueName};
 
 use crate::metrics::Metrics;
 use crate::store;
-use crate::wake::{Wake, Woken, jittered};
+use crate::wake::{Hub, Wake, Woken, jittered};
 
 /// How the collector reads.
 #[derive(Debug, Clone)]
@@ -179,6 +179,8 @@ impl Role {
 
 pub struct Collector {
     pool: PgPool,
+    /// The process's listener, when it shares one (see [`Hub`]).
+    hub: Option<Hub>,
     conn: HeldConnection,
     config: CollectorConfig,
     metrics: Metrics,
@@ -198,6 +200,7 @@ impl Collector {
         Self {
             conn: HeldConnection::new(pool.clone()),
             pool,
+            hub: None,
             linger: Linger::new(config.linger),
             config,
             metrics,
@@ -206,10 +209,19 @@ impl Collector {
         }
     }
 
+    /// Wakes through `hub`'s listener instead of one of its own.
+    pub fn listening_through(mut self, hub: &Hub) -> Self {
+        self.hub = Some(hub.clone());
+        self
+    }
+
     /// Runs until shutdown: drain the queue, then wait for a notification or
     /// the fallback poll.
     pub async fn run(mut self, shutdown: CancellationToken) {
-        let mut wake = Wake::new(self.pool.clone(), &[queue::RESULTS]);
+        let mut wake = match &self.hub {
+            Some(hub) => Wake::shared(hub, &[queue::RESULTS]),
+            None => Wake::new(self.pool.clone(), &[queue::RESULTS]),
+        };
         // Whether the batch about to run waited, and whether that gathered anything.
         let mut lingered: Option<bool> = None;
         'collect: loop {

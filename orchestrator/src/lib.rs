@@ -83,7 +83,7 @@ pub enum Error {
     #[error(
         "the database pool allows {max} connections (WEFT_DB_MAX_CONNECTIONS), but the \
          {collectors} result collectors and the retry scheduler keep {held} open (one to \
-         listen on and one to work on each) and the API needs at least 2 more: allow \
+         work on each, and one to listen on) and the API needs at least 2 more: allow \
          {needed} or more, or run fewer collectors"
     )]
     TooFewConnections {
@@ -95,9 +95,12 @@ pub enum Error {
 }
 
 /// Connections the orchestrator's loops keep open: every collector and the
-/// scheduler hold a LISTEN connection and the connection they work on.
+/// scheduler hold the connection they work on, and they share one LISTEN
+/// connection (the [`wake::Hub`]).
 fn connections_held(collectors: usize) -> u32 {
-    2 * (u32::try_from(collectors.max(1)).unwrap_or(u32::MAX / 4) + 1)
+    u32::try_from(collectors.max(1))
+        .unwrap_or(u32::MAX / 2)
+        .saturating_add(2)
 }
 
 /// Runs the orchestrator's loops (and its API when configured) until
@@ -133,6 +136,9 @@ pub async fn run(
     let stop = shutdown.child_token();
     let metrics = Metrics::default();
     let tracker = TaskTracker::new();
+    // One LISTEN connection for the whole process (see wake.rs).
+    let hub = wake::Hub::new(pool.clone(), &[shared::queue::RESULTS, scheduler::RETRIES]);
+    tracker.spawn(hub.clone().run(stop.clone()));
     let crew = collector::Crew::default();
     for i in 0..config.collectors.max(1) {
         let role = if i == 0 {
@@ -145,7 +151,8 @@ pub async fn run(
             config.collector.clone(),
             metrics.clone(),
             role,
-        );
+        )
+        .listening_through(&hub);
         let running = metrics.loop_running();
         let collector_stop = stop.clone();
         tracker.spawn(async move {
@@ -153,7 +160,8 @@ pub async fn run(
             collector.run(collector_stop).await
         });
     }
-    let scheduler = Scheduler::new(pool.clone(), config.scheduler.clone(), metrics.clone());
+    let scheduler = Scheduler::new(pool.clone(), config.scheduler.clone(), metrics.clone())
+        .listening_through(&hub);
     let running = metrics.loop_running();
     let scheduler_stop = stop.clone();
     tracker.spawn(async move {

@@ -13,7 +13,10 @@ use tracing::{info, warn};
 
 use crate::metrics::Metrics;
 use crate::store;
-use crate::wake::{Wake, jittered};
+use crate::wake::{Hub, Wake, jittered};
+
+/// The channel a newly scheduled retry is notified on.
+pub const RETRIES: &str = "weft_retries";
 
 #[derive(Debug, Clone)]
 pub struct SchedulerConfig {
@@ -34,6 +37,8 @@ impl Default for SchedulerConfig {
 
 pub struct Scheduler {
     pool: PgPool,
+    /// The process's listener, when it shares one (see [`Hub`]).
+    hub: Option<Hub>,
     conn: HeldConnection,
     config: SchedulerConfig,
     metrics: Metrics,
@@ -44,13 +49,23 @@ impl Scheduler {
         Self {
             conn: HeldConnection::new(pool.clone()),
             pool,
+            hub: None,
             config,
             metrics,
         }
     }
 
+    /// Wakes through `hub`'s listener instead of one of its own.
+    pub fn listening_through(mut self, hub: &Hub) -> Self {
+        self.hub = Some(hub.clone());
+        self
+    }
+
     pub async fn run(mut self, shutdown: CancellationToken) {
-        let mut wake = Wake::new(self.pool.clone(), &["weft_retries"]);
+        let mut wake = match &self.hub {
+            Some(hub) => Wake::shared(hub, &[RETRIES]),
+            None => Wake::new(self.pool.clone(), &[RETRIES]),
+        };
         loop {
             let mut sleep = jittered(self.config.poll_interval);
             match self.run_once().await {

@@ -1076,17 +1076,17 @@ async fn every_protected_route_needs_a_token_of_its_scope() {
 #[tokio::test]
 async fn a_pool_too_small_for_the_loops_is_refused_at_startup() {
     let url = support::fresh_database().await;
-    let small = support::pool(&url, 7).await;
+    let small = support::pool(&url, 5).await;
     let error = orchestrator::run(
         fleet::orchestrator_config(),
         small,
         CancellationToken::new(),
     )
     .await
-    .expect_err("2 collectors and the scheduler hold 6 connections; 7 leave 1 for the API")
+    .expect_err("2 collectors, the scheduler and the listener hold 4 connections; 5 leave 1")
     .to_string();
-    assert!(error.contains("allows 7 connections"), "{error}");
-    assert!(error.contains("allow 8 or more"), "{error}");
+    assert!(error.contains("allows 5 connections"), "{error}");
+    assert!(error.contains("allow 6 or more"), "{error}");
 
     let small = support::pool(&url, 3).await;
     let worker = worker::Worker::builder(fleet::worker_config("small")).build();

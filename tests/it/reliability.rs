@@ -1212,3 +1212,85 @@ async fn a_collector_applies_a_stream_of_results_together_while_waiting_pays() {
         "that wait gathered nothing, so the next result goes at once: {next_took} s"
     );
 }
+
+/// An orchestrator listens on one connection (PostgreSQL wakes every
+/// listening backend of a database on every NOTIFY, whatever the channel):
+/// its hub hands each notification to the loops of that channel only, with
+/// a burst's ids together, tells every loop when the connection drops
+/// (notifications may be lost), and listens again after.
+#[tokio::test]
+async fn one_listener_wakes_each_loop_for_its_channels_and_survives_a_lost_connection() {
+    use orchestrator::wake::{Hub, Wake, Woken};
+    let pool = support::fresh_pool().await;
+    let hub = Hub::new(
+        pool.clone(),
+        &[queue::RESULTS, orchestrator::scheduler::RETRIES],
+    );
+    let stop = tokio_util::sync::CancellationToken::new();
+    let running = tokio::spawn(hub.clone().run(stop.clone()));
+    let mut results = Wake::shared(&hub, &[queue::RESULTS]);
+    let mut retries = Wake::shared(&hub, &[orchestrator::scheduler::RETRIES]);
+    let listeners = "select count(*) from pg_stat_activity
+                      where datname = current_database() and query like 'LISTEN%'";
+    let up = support::wait_until(Duration::from_secs(10), || async {
+        hub.listening() && count(&pool, listeners).await == 1
+    });
+    assert!(up.await, "one LISTEN connection for both channels");
+    let long = Duration::from_secs(10);
+
+    let notify = |channel: &'static str, payload: &'static str| {
+        let pool = pool.clone();
+        async move {
+            sqlx::query("select pg_notify($1, $2)")
+                .bind(channel)
+                .bind(payload)
+                .execute(&pool)
+                .await
+                .unwrap();
+        }
+    };
+    sqlx::query("select pg_notify($1, '3'), pg_notify($1, '5')")
+        .bind(queue::RESULTS)
+        .execute(&pool)
+        .await
+        .unwrap();
+    assert_eq!(results.wait(long).await, Woken::Notified);
+    assert_eq!(
+        results.named(),
+        Some(&[3, 5][..]),
+        "a burst wakes once, with all its ids"
+    );
+    notify(orchestrator::scheduler::RETRIES, "11").await;
+    assert_eq!(retries.wait(long).await, Woken::Notified);
+    assert_eq!(
+        retries.named(),
+        Some(&[11][..]),
+        "the retries loop saw only its own channel"
+    );
+    notify(queue::RESULTS, "7").await;
+    assert_eq!(results.wait(long).await, Woken::Notified);
+    assert_eq!(
+        results.named(),
+        Some(&[7][..]),
+        "the results loop saw nothing of the retries"
+    );
+
+    let killed = "select count(pg_terminate_backend(pid)) from pg_stat_activity
+                   where datname = current_database() and query like 'LISTEN%'";
+    assert_eq!(count(&pool, killed).await, 1);
+    assert_eq!(results.wait(long).await, Woken::Reconnecting);
+    assert_eq!(retries.wait(long).await, Woken::Reconnecting);
+    // Listening again: a notification reaches the loop (one sent before the
+    // new LISTEN took effect is lost, which is what the poll is for).
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let mut heard = false;
+    while !heard && Instant::now() < deadline {
+        notify(queue::RESULTS, "9").await;
+        heard = results.wait(Duration::from_millis(100)).await == Woken::Notified
+            && results.named() == Some(&[9][..]);
+    }
+    assert!(heard, "the hub listens again after its connection dropped");
+    stop.cancel();
+    running.await.unwrap();
+    assert!(!hub.listening());
+}
