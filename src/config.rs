@@ -121,7 +121,7 @@ pub struct OrchestratorArgs {
     /// results may wait for more to apply in the same transaction; a result
     /// after a quiet spell, or whose waiting gathered nothing, goes at once
     /// (0ms: never wait).
-    #[arg(long, env = "WEFT_BATCH_LINGER", default_value = "10ms", value_parser = duration)]
+    #[arg(long, env = "WEFT_BATCH_LINGER", default_value = "20ms", value_parser = duration)]
     pub batch_linger: Duration,
     /// Fallback poll interval when no notification arrives (jittered).
     #[arg(long, env = "WEFT_POLL_INTERVAL", default_value = "5s", value_parser = duration)]
@@ -185,7 +185,7 @@ pub struct WorkerArgs {
     /// for more steps to take at once, and a batch of results for more to
     /// send in the same transaction; after a quiet spell, or once waiting
     /// gathered nothing, they go at once (0ms: never wait).
-    #[arg(long, env = "WEFT_BATCH_LINGER", default_value = "10ms", value_parser = duration)]
+    #[arg(long, env = "WEFT_BATCH_LINGER", default_value = "20ms", value_parser = duration)]
     pub batch_linger: Duration,
     /// Fallback poll interval when no notification arrives (jittered).
     #[arg(long, env = "WEFT_POLL_INTERVAL", default_value = "5s", value_parser = duration)]

@@ -24,7 +24,7 @@
 use std::time::{Duration, Instant};
 
 /// The linger both sides use unless configured (`WEFT_BATCH_LINGER`).
-pub const DEFAULT: Duration = Duration::from_millis(10);
+pub const DEFAULT: Duration = Duration::from_millis(20);
 
 /// Messages in hand that end a wait early: a transaction of this many
 /// already spreads its fixed cost thin.
