@@ -218,10 +218,7 @@ impl Collector {
     /// Runs until shutdown: drain the queue, then wait for a notification or
     /// the fallback poll.
     pub async fn run(mut self, shutdown: CancellationToken) {
-        let mut wake = match &self.hub {
-            Some(hub) => Wake::shared(hub, &[queue::RESULTS]),
-            None => Wake::new(self.pool.clone(), &[queue::RESULTS]),
-        };
+        let mut wake = Wake::through(self.hub.as_ref(), &self.pool, &[queue::RESULTS]);
         // Whether the batch about to run waited, and whether that gathered anything.
         let mut lingered: Option<bool> = None;
         'collect: loop {

@@ -67,10 +67,6 @@ impl Lender {
         }
     }
 
-    pub fn pool(&self) -> &PgPool {
-        &self.pool
-    }
-
     /// Connections on the shelf now.
     pub fn shelved(&self) -> usize {
         self.shelf.lock().len()

@@ -62,10 +62,7 @@ impl Scheduler {
     }
 
     pub async fn run(mut self, shutdown: CancellationToken) {
-        let mut wake = match &self.hub {
-            Some(hub) => Wake::shared(hub, &[RETRIES]),
-            None => Wake::new(self.pool.clone(), &[RETRIES]),
-        };
+        let mut wake = Wake::through(self.hub.as_ref(), &self.pool, &[RETRIES]);
         loop {
             let mut sleep = jittered(self.config.poll_interval);
             match self.run_once().await {

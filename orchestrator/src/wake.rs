@@ -200,6 +200,15 @@ impl Wake {
         }
     }
 
+    /// Wake-ups from `hub`'s listener when there is one, else from a
+    /// listener of its own on `pool`.
+    pub fn through(hub: Option<&Hub>, pool: &PgPool, channels: &[&str]) -> Self {
+        match hub {
+            Some(hub) => Self::shared(hub, channels),
+            None => Self::new(pool.clone(), channels),
+        }
+    }
+
     /// Wake-ups from `hub`'s listener, for `channels` (among the hub's).
     pub fn shared(hub: &Hub, channels: &[&str]) -> Self {
         Self {
@@ -241,10 +250,7 @@ impl Wake {
                 // Coalesce a burst of notifications into one wake-up.
                 let mut named = message_ids(first.payload());
                 while let Some(next) = listening.next_buffered() {
-                    named = named.zip(message_ids(next.payload())).map(|(mut a, b)| {
-                        a.extend(b);
-                        a
-                    });
+                    named = also_named(named, next.payload());
                 }
                 self.named = named;
                 Woken::Notified
@@ -295,10 +301,7 @@ impl Wake {
         let mut named = message_ids(&payload);
         while let Ok(next) = events.try_recv() {
             named = match next {
-                Event::Notified(payload) => named.zip(message_ids(&payload)).map(|(mut a, b)| {
-                    a.extend(b);
-                    a
-                }),
+                Event::Notified(payload) => also_named(named, &payload),
                 Event::Lost => None,
             };
         }
@@ -330,6 +333,15 @@ async fn connect(pool: &PgPool, channels: &[String]) -> Option<PgListener> {
             None
         }
     }
+}
+
+/// The ids of a burst so far with those of one more notification's
+/// `payload`: `None` once any notification names nothing.
+fn also_named(named: Option<Vec<i64>>, payload: &str) -> Option<Vec<i64>> {
+    named.zip(message_ids(payload)).map(|(mut a, b)| {
+        a.extend(b);
+        a
+    })
 }
 
 /// A notification payload's message ids: decimal ids separated by commas
